@@ -1,0 +1,746 @@
+"""
+The client side of the proxy: a lean HTTP/1.1 server protocol on the reactor.
+
+twisted.web's C{Request} reads the whole body before a resource runs; a gateway has to decide where a request
+goes as soon as its headers are in, and then stream the body.  This protocol parses with llhttp (through
+C{httptools}: strict about the request-smuggling shapes, and fast), hands each request to a handler at header
+time as an L{Exchange}, and gives the handler a small response API that streams with backpressure.
+
+Flow control, both ways:
+  - request body: the handler calls L{Exchange.pauseBody}/L{Exchange.resumeBody} (usually because the upstream
+    socket is congested), which stops reading from the client socket;
+  - response body: this protocol registers itself as the streaming producer of its own transport, so when the
+    client reads slowly the transport tells us, and we tell the handler's C{responseProducer} (the upstream
+    connection), which stops reading from the upstream socket.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Protocol as TypingProtocol
+
+import attrs
+import httptools
+from twisted.internet.interfaces import IPushProducer
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from .errors import phrase, statusBody
+from .headers import Headers
+
+__all__ = ["ServerLimits", "Exchange", "IRequestHandler", "HTTPServerProtocol", "HTTPServerFactory"]
+
+log = Logger()
+
+# Reasons to stop reading from the client socket; reading resumes when none is left.
+_PAUSE_BODY = 1  # the handler cannot take more request body right now
+_PAUSE_PIPELINE = 2  # a pipelined request waits for the one before it to finish
+_PAUSE_TUNNEL = 4  # the tunnel peer is congested
+
+_JSON = b"application/json"
+
+
+@attrs.frozen
+class ServerLimits:
+    """Limits against oversized or slow requests (SPEC 9: 414, 431, 408)."""
+
+    maxUrlBytes: int = 16 * 1024
+    maxHeaderBytes: int = 64 * 1024
+    maxHeaderCount: int = 128
+    # From the first byte of a request to the end of its headers.
+    headerTimeout: float = 30.0
+    # An idle keep-alive connection (no request in progress) is closed after this long.
+    keepAliveTimeout: float = 120.0
+
+
+class IRequestHandler(TypingProtocol):
+    def handleRequest(self, exchange: Exchange) -> None: ...
+
+
+class BodyConsumer(TypingProtocol):
+    def bodyData(self, data: bytes) -> None: ...
+
+    def bodyEnd(self) -> None: ...
+
+
+class ReadPausable(TypingProtocol):
+    def pauseReading(self) -> None: ...
+
+    def resumeReading(self) -> None: ...
+
+
+class _BadRequest(Exception):
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class Exchange:
+    """
+    One request and its response on a client connection.
+
+    The handler reads C{method}, C{target} (the raw request target, byte for byte), C{headers}, and answers with
+    L{writeHead}, L{write}, L{finish} (or L{sendError}); it takes the request body by setting a consumer with
+    L{setBodyConsumer}.  Until a consumer is set the body is held (and reading from the client is paused), so a
+    handler may decide asynchronously (e.g. after an authentication round trip) without losing bytes.
+    """
+
+    __slots__ = (
+        "channel",
+        "method",
+        "target",
+        "version",
+        "headers",
+        "keepAlive",
+        "upgrade",
+        "expectContinue",
+        "hasBody",
+        "startedAt",
+        "route",
+        "upstreamName",
+        "generation",
+        "code",
+        "bytesSent",
+        "responseProducer",
+        "onClientGone",
+        "_consumer",
+        "_held",
+        "_bodyDone",
+        "_headSent",
+        "_chunked",
+        "_noBody",
+        "_finished",
+        "_tunnel",
+        "_continueSent",
+    )
+
+    def __init__(
+        self,
+        channel: HTTPServerProtocol,
+        method: bytes,
+        target: bytes,
+        version: bytes,
+        headers: Headers,
+        keepAlive: bool,
+        upgrade: bool,
+        hasBody: bool,
+        startedAt: float,
+    ) -> None:
+        self.channel = channel
+        self.method = method
+        self.target = target
+        self.version = version
+        self.headers = headers
+        self.keepAlive = keepAlive
+        self.upgrade = upgrade
+        self.hasBody = hasBody
+        self.startedAt = startedAt
+        self.expectContinue = False
+        # Filled in by the handler for the access log.
+        self.route: str = "-"
+        self.upstreamName: str = "-"
+        self.generation: int = 0
+        self.code = 0
+        self.bytesSent = 0
+        # Whatever feeds the response (the upstream connection): paused while the client reads slowly.
+        self.responseProducer: Optional[ReadPausable] = None
+        self.onClientGone: Optional[Callable[[], None]] = None
+        self._consumer: Optional[BodyConsumer] = None
+        self._held: List[bytes] = []
+        self._bodyDone = not hasBody
+        self._headSent = False
+        self._chunked = False
+        self._noBody = False
+        self._finished = False
+        self._tunnel: Optional[Callable[[bytes], None]] = None
+        self._continueSent = False
+
+    # -- request side --------------------------------------------------------------------------------------
+
+    @property
+    def bodyComplete(self) -> bool:
+        return self._bodyDone
+
+    @property
+    def headSent(self) -> bool:
+        return self._headSent
+
+    @property
+    def finished(self) -> bool:
+        return self._finished
+
+    @property
+    def congestedByClient(self) -> bool:
+        """The client is not reading our response fast enough right now."""
+        return self.channel._congested
+
+    @property
+    def clientAddress(self) -> str:
+        return self.channel.peerHost
+
+    @property
+    def secure(self) -> bool:
+        return self.channel.secure
+
+    def setBodyConsumer(self, consumer: BodyConsumer) -> None:
+        """Deliver the request body (what was held, then the rest as it arrives) to C{consumer}."""
+        self._consumer = consumer
+        held, self._held = self._held, []
+        for chunk in held:
+            consumer.bodyData(chunk)
+        if self._bodyDone:
+            consumer.bodyEnd()
+        else:
+            self.channel._unpause(_PAUSE_BODY)
+            if self.expectContinue and not self._continueSent:
+                self.sendContinue()
+
+    def discardBody(self) -> None:
+        """The handler will not read the body (it answered by itself)."""
+        self._held = []
+        self._consumer = _DISCARD
+
+    def pauseBody(self) -> None:
+        self.channel._pause(_PAUSE_BODY)
+
+    def resumeBody(self) -> None:
+        self.channel._unpause(_PAUSE_BODY)
+
+    def sendContinue(self) -> None:
+        """Send C{100 Continue} (at most once, and only before the response head)."""
+        if not self._continueSent and not self._headSent and self.version == b"1.1":
+            self._continueSent = True
+            self.channel.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    def _bodyData(self, data: bytes) -> None:
+        if self._consumer is not None:
+            self._consumer.bodyData(data)
+        else:
+            self._held.append(data)
+            self.channel._pause(_PAUSE_BODY)
+
+    def _bodyEnd(self) -> None:
+        self._bodyDone = True
+        if self._consumer is not None:
+            self._consumer.bodyEnd()
+
+    # -- response side -------------------------------------------------------------------------------------
+
+    def writeHead(
+        self,
+        code: int,
+        headers: Sequence[Tuple[bytes, bytes]] | Headers,
+        *,
+        reason: Optional[bytes] = None,
+        length: Optional[int] = None,
+        noBody: bool = False,
+    ) -> None:
+        """
+        Send the status line and headers.  C{headers} must not contain framing headers (Content-Length,
+        Transfer-Encoding, Connection): this method adds them.  C{length} None means "unknown": chunked for
+        HTTP/1.1 clients, close-delimited for HTTP/1.0.  C{noBody} for HEAD, 204, 304 and 1xx.
+        """
+        if self._headSent:
+            raise RuntimeError("response head already sent")
+        self._headSent = True
+        self.code = code
+        channel = self.channel
+        if channel._closing:
+            # The server is draining: this is the last response on this connection.
+            self.keepAlive = False
+        if self.method == b"HEAD" or code in (204, 304) or 100 <= code < 200:
+            noBody = True
+        self._noBody = noBody
+        lines = [b"HTTP/1.1 %d %s\r\n" % (code, reason or phrase(code))]
+        if isinstance(headers, Headers):
+            lines.extend([b"%s: %s\r\n" % (n, v) for _, n, v in headers.items])
+        else:
+            lines.extend([b"%s: %s\r\n" % (n, v) for n, v in headers])
+        if code == 101:
+            lines.append(b"Connection: Upgrade\r\n")
+        else:
+            if length is not None:
+                if code != 204 and not (100 <= code < 200):
+                    lines.append(b"Content-Length: %d\r\n" % length)
+            elif not noBody:
+                if self.version == b"1.1":
+                    self._chunked = True
+                    lines.append(b"Transfer-Encoding: chunked\r\n")
+                else:
+                    self.keepAlive = False
+            if not self._bodyDone and self._consumer is None:
+                # We answer before reading the body: the rest of it cannot be told from the next request.
+                self.keepAlive = False
+            if not self.keepAlive:
+                lines.append(b"Connection: close\r\n")
+            elif self.version != b"1.1":
+                lines.append(b"Connection: keep-alive\r\n")
+        lines.append(b"\r\n")
+        channel.transport.writeSequence(lines)
+
+    def write(self, data: bytes) -> None:
+        if self._finished or self._noBody or not data:
+            return
+        self.bytesSent += len(data)
+        if self._tunnel is not None:
+            self.channel.transport.write(data)
+        elif self._chunked:
+            self.channel.transport.writeSequence([b"%x\r\n" % len(data), data, b"\r\n"])
+        else:
+            self.channel.transport.write(data)
+
+    def finish(self, trailers: Optional[Sequence[Tuple[bytes, bytes]]] = None) -> None:
+        """The response is complete."""
+        if self._finished:
+            return
+        self._finished = True
+        if self._chunked:
+            if trailers:
+                self.channel.transport.writeSequence(
+                    [b"0\r\n"] + [b"%s: %s\r\n" % (n, v) for n, v in trailers] + [b"\r\n"]
+                )
+            else:
+                self.channel.transport.write(b"0\r\n\r\n")
+        self.channel._exchangeFinished(self)
+
+    def abort(self) -> None:
+        """Something failed after the head went out: cut the connection so the client sees it incomplete."""
+        if self._finished:
+            return
+        self._finished = True
+        self.keepAlive = False
+        self.channel._exchangeFinished(self, aborted=True)
+
+    def sendError(
+        self, code: int, message: str, extraHeaders: Sequence[Tuple[bytes, bytes]] = (), reason: Optional[str] = None
+    ) -> None:
+        """Answer with a Kubernetes C{Status} body; if the head is already out, abort instead."""
+        if self._headSent:
+            self.abort()
+            return
+        body = statusBody(code, message, reason)
+        self.writeHead(
+            code, [(b"Content-Type", _JSON), (b"Cache-Control", b"no-store"), *extraHeaders], length=len(body)
+        )
+        self.write(body)
+        self.finish()
+
+    # -- upgrades ------------------------------------------------------------------------------------------
+
+    def startTunnel(self, receive: Callable[[bytes], None]) -> None:
+        """
+        After a C{101} head has been written: every further byte from the client goes to C{receive}, and
+        L{write} sends raw bytes.  L{finish} ends the tunnel (and the connection).
+        """
+        self._tunnel = receive
+        self.keepAlive = False
+        self._chunked = False
+        self._noBody = False
+        self.channel._enterTunnel(self)
+
+    def pauseTunnel(self) -> None:
+        self.channel._pause(_PAUSE_TUNNEL)
+
+    def resumeTunnel(self) -> None:
+        self.channel._unpause(_PAUSE_TUNNEL)
+
+
+class _Discard:
+    def bodyData(self, data: bytes) -> None:
+        pass
+
+    def bodyEnd(self) -> None:
+        pass
+
+
+_DISCARD = _Discard()
+
+
+@implementer(IPushProducer)
+class HTTPServerProtocol(Protocol):
+    """One client connection: parse requests, hand them to the handler, write responses in order."""
+
+    def __init__(self, factory: HTTPServerFactory) -> None:
+        self.factory = factory
+        self.handler = factory.handler
+        self.limits = factory.limits
+        self.clock = factory.clock
+        self.peerHost = "-"
+        self.secure = False
+        self._parser = httptools.HttpRequestParser(self)
+        self._url: List[bytes] = []
+        self._urlLen = 0
+        self._headers: List[Tuple[bytes, bytes]] = []
+        self._headerBytes = 0
+        self._current: Optional[Exchange] = None  # the exchange whose response is being written
+        self._parsing: Optional[Exchange] = None  # the exchange whose request is being parsed
+        self._queue: List[Exchange] = []  # pipelined exchanges waiting for their turn
+        self._pauses = 0
+        self._congested = False
+        self._closing = False
+        self._tunnelled: Optional[Exchange] = None
+        self._timer = None
+        self._gone = False
+
+    # -- connection ---------------------------------------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        transport = self.transport
+        peer = transport.getPeer()
+        self.peerHost = getattr(peer, "host", None) or "unix"
+        self.secure = getattr(transport, "TLS", False) or _isTLS(transport)
+        transport.registerProducer(self, True)
+        if hasattr(transport, "setTcpNoDelay"):
+            try:
+                transport.setTcpNoDelay(True)
+            except OSError:
+                pass
+        self.factory._connectionMade(self)
+        self._armTimer(self.limits.keepAliveTimeout)
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        self._gone = True
+        self._cancelTimer()
+        self.factory._connectionLost(self)
+        pending = [e for e in (self._current, self._parsing, *self._queue) if e is not None]
+        self._current = self._parsing = None
+        self._queue = []
+        seen = set()
+        for exchange in pending:
+            if id(exchange) in seen:
+                continue
+            seen.add(id(exchange))
+            self._cancel(exchange)
+
+    # IPushProducer for our own transport: the client is not reading fast enough.
+    def pauseProducing(self) -> None:
+        self._congested = True
+        producer = self._current.responseProducer if self._current is not None else None
+        if producer is not None:
+            producer.pauseReading()
+
+    def resumeProducing(self) -> None:
+        self._congested = False
+        producer = self._current.responseProducer if self._current is not None else None
+        if producer is not None:
+            producer.resumeReading()
+
+    def stopProducing(self) -> None:
+        pass
+
+    @property
+    def congested(self) -> bool:
+        return self._congested
+
+    # -- reading --------------------------------------------------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._tunnelled is not None:
+            receive = self._tunnelled._tunnel
+            if receive is not None:
+                receive(data)
+            return
+        if self._closing and self._parsing is None and self._current is None:
+            return
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade as upgrade:
+            offset = upgrade.args[0]
+            rest = data[offset:]
+            exchange = self._parsing or self._current
+            if exchange is not None and rest:
+                # Bytes after the upgrade request belong to the tunnel, once it exists.
+                exchange._held.append(rest) if exchange._consumer is None else exchange._consumer.bodyData(rest)
+            self._pause(_PAUSE_PIPELINE)
+        except _BadRequest as bad:
+            self._reject(bad.code, bad.message)
+        except httptools.HttpParserCallbackError as e:
+            cause = e.__context__
+            if isinstance(cause, _BadRequest):
+                self._reject(cause.code, cause.message)
+            else:
+                log.failure("request handler failed", Failure(cause) if cause else None)
+                self._reject(500, "internal error")
+        except httptools.HttpParserInvalidMethodError:
+            self._reject(400, "invalid request method")
+        except httptools.HttpParserInvalidURLError:
+            self._reject(400, "invalid request target")
+        except httptools.HttpParserError as e:
+            self._reject(400, f"malformed request: {_describe(e)}")
+
+    def _reject(self, code: int, message: str) -> None:
+        """A request we cannot parse: answer if we can, then close (the byte stream is no longer trustworthy)."""
+        self._closing = True
+        current = self._current
+        if current is not None and current._headSent:
+            if current is self._parsing:
+                # Its own body is malformed while its response streams: cut both sides.
+                self._cancel(current)
+                self.transport.abortConnection()
+            else:
+                # An earlier request is still being answered: let it finish; the connection closes after it.
+                self._pause(_PAUSE_PIPELINE)
+            return
+        if current is not None:
+            self._cancel(current)
+        body = statusBody(code, message)
+        self.transport.writeSequence(
+            [
+                b"HTTP/1.1 %d %s\r\n" % (code, phrase(code)),
+                b"Content-Type: application/json\r\nConnection: close\r\nContent-Length: %d\r\n\r\n" % len(body),
+                body,
+            ]
+        )
+        self.factory._logRejected(self, code, message)
+        self.transport.loseConnection()
+
+    def _cancel(self, exchange: Exchange) -> None:
+        """The client side of C{exchange} is gone or unusable: tell the handler so it drops the upstream."""
+        if not exchange._finished:
+            exchange._finished = True
+            if exchange.onClientGone is not None:
+                exchange.onClientGone()
+            self.factory._logExchange(exchange, aborted=True)
+
+    # httptools callbacks
+
+    def on_message_begin(self) -> None:
+        self._url = []
+        self._urlLen = 0
+        self._headers = []
+        self._headerBytes = 0
+        if self._current is None:
+            self._armTimer(self.limits.headerTimeout)
+
+    def on_url(self, url: bytes) -> None:
+        self._urlLen += len(url)
+        if self._urlLen > self.limits.maxUrlBytes:
+            raise _BadRequest(414, "request target too long")
+        self._url.append(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headerBytes += len(name) + len(value) + 4
+        if self._headerBytes > self.limits.maxHeaderBytes or len(self._headers) >= self.limits.maxHeaderCount:
+            raise _BadRequest(431, "request headers too large")
+        # llhttp keeps trailing whitespace of a value; RFC 9112 says it is not part of it.
+        self._headers.append((name, value.rstrip(b" \t")))
+
+    def on_headers_complete(self) -> None:
+        parser = self._parser
+        headers = Headers(self._headers)
+        target = b"".join(self._url) if len(self._url) != 1 else self._url[0]
+        version = parser.get_http_version().encode("ascii")
+        method = parser.get_method()
+        te = headers.get(b"transfer-encoding")
+        hasBody = te is not None or (headers.get(b"content-length", b"0") not in (b"0", b""))
+        upgrade = parser.should_upgrade()
+        if upgrade and method == b"CONNECT":
+            raise _BadRequest(405, "CONNECT is not supported")
+        if version not in (b"1.1", b"1.0"):
+            raise _BadRequest(400, "unsupported HTTP version")
+        if version == b"1.1" and b"host" not in headers:
+            raise _BadRequest(400, "missing Host header")
+        if len(headers.getAll(b"host")) > 1:
+            raise _BadRequest(400, "more than one Host header")
+        exchange = Exchange(
+            self,
+            method,
+            target,
+            version,
+            headers,
+            parser.should_keep_alive() and not self._closing,
+            upgrade,
+            hasBody,
+            self.clock.seconds(),
+        )
+        expect = headers.get(b"expect")
+        if expect is not None:
+            if expect.lower() != b"100-continue":
+                raise _BadRequest(417, "unsupported Expect value")
+            exchange.expectContinue = version == b"1.1" and hasBody
+        if upgrade:
+            # Whatever follows belongs to the tunnel, or to nobody if the upgrade is refused.
+            exchange.keepAlive = False
+        self._parsing = exchange
+        if self._current is None:
+            self._cancelTimer()
+            self._current = exchange
+            self._dispatch(exchange)
+        else:
+            self._queue.append(exchange)
+            self._pause(_PAUSE_PIPELINE)
+
+    def on_body(self, data: bytes) -> None:
+        exchange = self._parsing
+        if exchange is not None:
+            exchange._bodyData(data)
+
+    def on_message_complete(self) -> None:
+        exchange = self._parsing
+        self._parsing = None
+        if exchange is not None and not exchange.upgrade:
+            exchange._bodyEnd()
+
+    def _dispatch(self, exchange: Exchange) -> None:
+        try:
+            self.handler.handleRequest(exchange)
+        except Exception:
+            log.failure("request handler raised")
+            if not exchange._finished:
+                exchange.sendError(500, "internal error")
+
+    # -- writing and pipelining -----------------------------------------------------------------------------
+
+    def _exchangeFinished(self, exchange: Exchange, aborted: bool = False) -> None:
+        self.factory._logExchange(exchange, aborted=aborted)
+        if self._gone:
+            return
+        if exchange is not self._current:
+            return
+        self._current = None
+        self._unpause(_PAUSE_BODY | _PAUSE_TUNNEL)
+        if aborted:
+            self.transport.abortConnection()
+            return
+        if not exchange.keepAlive or exchange._tunnel is not None or self._closing and not self._queue:
+            self.transport.loseConnection()
+            return
+        if exchange is self._parsing:
+            # Answered before its body was read: cannot reuse the connection (keepAlive was cleared in writeHead).
+            self.transport.loseConnection()
+            return
+        if self._queue:
+            nxt = self._queue.pop(0)
+            self._current = nxt
+            if not self._queue:
+                self._unpause(_PAUSE_PIPELINE)
+            self._dispatch(nxt)
+        else:
+            self._unpause(_PAUSE_PIPELINE)
+            if self.factory.draining:
+                self.transport.loseConnection()
+            else:
+                self._armTimer(self.limits.keepAliveTimeout)
+
+    def _enterTunnel(self, exchange: Exchange) -> None:
+        self._tunnelled = exchange
+        self._parsing = None
+        held, exchange._held = exchange._held, []
+        self._unpause(_PAUSE_PIPELINE | _PAUSE_BODY)
+        for chunk in held:
+            exchange._tunnel(chunk)  # type: ignore[misc]
+
+    # -- pausing --------------------------------------------------------------------------------------------
+
+    def _pause(self, reason: int) -> None:
+        if not self._pauses and not self._gone:
+            self.transport.pauseProducing()
+        self._pauses |= reason
+
+    def _unpause(self, reasons: int) -> None:
+        if not self._pauses & reasons:
+            return
+        self._pauses &= ~reasons
+        if not self._pauses and not self._gone:
+            self.transport.resumeProducing()
+
+    # -- timers ---------------------------------------------------------------------------------------------
+
+    def _armTimer(self, delay: float) -> None:
+        timer = self._timer
+        if timer is not None and timer.active():
+            timer.reset(delay)
+        else:
+            self._timer = self.clock.callLater(delay, self._timedOut)
+
+    def _cancelTimer(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    def _timedOut(self) -> None:
+        self._timer = None
+        if self._current is not None:
+            return
+        if self._url or self._headers:
+            # Slow headers: tell the client why before closing.
+            self._reject(408, "timed out reading request headers")
+        else:
+            self.transport.loseConnection()
+
+    # -- shutdown -------------------------------------------------------------------------------------------
+
+    def drain(self) -> None:
+        """Finish what is in progress, take no new request, then close."""
+        self._closing = True
+        if self._current is None and self._parsing is None:
+            self.transport.loseConnection()
+
+
+def _isTLS(transport: object) -> bool:
+    from twisted.internet.interfaces import ISSLTransport
+
+    return ISSLTransport.providedBy(transport)
+
+
+def _describe(error: Exception) -> str:
+    text = str(error) or type(error).__name__
+    return text.rstrip(".")
+
+
+class HTTPServerFactory(Factory):
+    """
+    Builds L{HTTPServerProtocol}s for one listener and tracks open connections for graceful shutdown.
+
+    @ivar accessLog: called with each finished exchange (and whether it was aborted).
+    """
+
+    protocol = HTTPServerProtocol  # type: ignore[assignment]
+
+    def __init__(
+        self,
+        handler: IRequestHandler,
+        clock,
+        limits: ServerLimits = ServerLimits(),
+        accessLog: Optional[Callable[[Exchange, bool], None]] = None,
+    ) -> None:
+        self.handler = handler
+        self.clock = clock
+        self.limits = limits
+        self.accessLog = accessLog
+        self.connections: set = set()
+        self.draining = False
+
+    def buildProtocol(self, addr):  # type: ignore[no-untyped-def]
+        return HTTPServerProtocol(self)
+
+    def _connectionMade(self, proto: HTTPServerProtocol) -> None:
+        self.connections.add(proto)
+        if self.draining:
+            proto.drain()
+
+    def _connectionLost(self, proto: HTTPServerProtocol) -> None:
+        self.connections.discard(proto)
+
+    def _logExchange(self, exchange: Exchange, aborted: bool) -> None:
+        if self.accessLog is not None:
+            self.accessLog(exchange, aborted)
+
+    def _logRejected(self, proto: HTTPServerProtocol, code: int, message: str) -> None:
+        if self.accessLog is not None:
+            exchange = Exchange(proto, b"-", b"-", b"1.1", Headers(), False, False, False, self.clock.seconds())
+            exchange.code = code
+            exchange.route = "rejected: " + message
+            self.accessLog(exchange, False)
+
+    def drain(self) -> None:
+        """Stop taking requests on every connection; idle ones close now, busy ones after their response."""
+        self.draining = True
+        for proto in list(self.connections):
+            proto.drain()
+
+    def busyConnections(self) -> int:
+        return sum(1 for p in self.connections if p._current is not None or p._tunnelled is not None)

@@ -1,0 +1,400 @@
+"""
+The upstream side of the proxy: persistent HTTP/1.1 connections, pooled per upstream identity.
+
+An upstream's identity is L{ksproxy.model.types.Endpoint.key} (scheme, host, port, TLS settings), so a changed
+caBundle is a different pool (SPEC 11: KubeSphere caches TLS settings per name forever).  Each connection
+carries one request at a time and hands what it parses to its current L{IResponseSink}.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Callable, Dict, List, Optional, Tuple
+from typing import Protocol as TypingProtocol
+
+import httptools
+from OpenSSL import SSL
+from twisted.internet import defer
+from twisted.internet.endpoints import HostnameEndpoint, connectProtocol, wrapClientTLS
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IPushProducer
+from twisted.internet.protocol import Protocol
+from twisted.internet.ssl import (
+    Certificate,
+    CertificateOptions,
+    optionsForClientTLS,
+    trustRootFromCertificates,
+)
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from ..model.types import Endpoint, TLSSettings
+from .headers import Headers
+
+__all__ = ["IResponseSink", "UpstreamConnection", "UpstreamPool", "tlsCreator"]
+
+log = Logger()
+
+
+class IResponseSink(TypingProtocol):
+    """What an L{UpstreamConnection} tells the request it is carrying."""
+
+    def responseHead(self, code: int, reason: bytes, headers: Headers, connection: UpstreamConnection) -> None: ...
+
+    def responseData(self, data: bytes) -> None: ...
+
+    def responseEnd(self, trailers: Optional[List[Tuple[bytes, bytes]]]) -> None: ...
+
+    def upstreamLost(self, reason: Failure, gotHead: bool) -> None: ...
+
+    def upstreamCongested(self, congested: bool) -> None: ...
+
+
+class _StopParsing(Exception):
+    """Raised from a parser callback to stop at the end of a HEAD response's headers."""
+
+
+@implementer(IPushProducer)
+class UpstreamConnection(Protocol):
+    """
+    One connection to an upstream.  Also the streaming producer of its own transport (so we hear when the
+    upstream stops reading our request body) and the producer the client side pauses when the client reads
+    slowly (L{pauseProducing} stops reading the response from the upstream).
+    """
+
+    def __init__(self, pool: UpstreamPool, key: tuple) -> None:
+        self.pool = pool
+        self.key = key
+        self.sink: Optional[IResponseSink] = None
+        self.requests = 0  # requests carried, for the stale-connection retry rule
+        self.connected = False
+        self._parser = httptools.HttpResponseParser(self)
+        self._headers: List[Tuple[bytes, bytes]] = []
+        self._reason = b""
+        self._gotHead = False
+        self._inBody = False
+        self._headRequest = False
+        self._trailers: Optional[List[Tuple[bytes, bytes]]] = None
+        self._closeDelimited = False
+        self._tunnel = False
+        self._paused = False
+        self._idleTimer = None
+        self.lostReason: Optional[Failure] = None
+
+    # -- lifecycle -----------------------------------------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        self.connected = True
+        self.transport.registerProducer(self, True)
+        if hasattr(self.transport, "setTcpNoDelay"):
+            try:
+                self.transport.setTcpNoDelay(True)
+            except OSError:
+                pass
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        self.connected = False
+        self.lostReason = reason
+        self.pool._lost(self)
+        sink, self.sink = self.sink, None
+        if sink is None:
+            return
+        if self._tunnel or (self._inBody and self._closeDelimited):
+            # Close-delimited body or tunnel: the close is the end.
+            sink.responseEnd(None)
+        else:
+            sink.upstreamLost(reason, self._gotHead)
+
+    def startRequest(self, sink: IResponseSink, head: bytes, isHead: bool) -> None:
+        """Send a request head and make C{sink} the receiver of the response."""
+        self.sink = sink
+        self.requests += 1
+        self._gotHead = False
+        self._inBody = False
+        self._headRequest = isHead
+        self._trailers = None
+        self.pool._cancelIdle(self)
+        self.transport.write(head)
+
+    def write(self, data: bytes) -> None:
+        self.transport.write(data)
+
+    def writeSequence(self, data: List[bytes]) -> None:
+        self.transport.writeSequence(data)
+
+    def abort(self) -> None:
+        """Drop this connection (the exchange it carried failed or was abandoned)."""
+        self.sink = None
+        if self.connected:
+            self.transport.abortConnection()
+
+    def release(self) -> None:
+        """The exchange is done and the connection is clean: back to the pool."""
+        self.sink = None
+        if self._paused:
+            self.resumeReading()
+        self.pool._release(self)
+
+    # -- flow control --------------------------------------------------------------------------------------
+
+    def pauseReading(self) -> None:
+        if not self._paused and self.connected:
+            self._paused = True
+            self.transport.pauseProducing()
+
+    def resumeReading(self) -> None:
+        if self._paused and self.connected:
+            self._paused = False
+            self.transport.resumeProducing()
+
+    # IPushProducer, registered on our own transport: the upstream is not reading our request body.
+    def pauseProducing(self) -> None:
+        if self.sink is not None:
+            self.sink.upstreamCongested(True)
+
+    def resumeProducing(self) -> None:
+        if self.sink is not None:
+            self.sink.upstreamCongested(False)
+
+    def stopProducing(self) -> None:
+        pass
+
+    # -- reading -------------------------------------------------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._tunnel:
+            if self.sink is not None:
+                self.sink.responseData(data)
+            return
+        if self.sink is None:
+            # Bytes on an idle connection: the upstream is confused; do not reuse it.
+            self.transport.abortConnection()
+            return
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade as upgrade:
+            rest = data[upgrade.args[0] :]
+            self._tunnel = True
+            if rest and self.sink is not None:
+                self.sink.responseData(rest)
+        except httptools.HttpParserCallbackError as e:
+            if isinstance(e.__context__, _StopParsing):
+                self._finishHeadResponse()
+            else:
+                self._fail(e.__context__ or e)
+        except httptools.HttpParserError as e:
+            self._fail(e)
+
+    def _fail(self, error: BaseException) -> None:
+        sink, self.sink = self.sink, None
+        self.transport.abortConnection()
+        if sink is not None:
+            sink.upstreamLost(Failure(error), self._gotHead)
+
+    def _finishHeadResponse(self) -> None:
+        # llhttp would wait for a body that a HEAD response never has; start a fresh parser instead.
+        self._parser = httptools.HttpResponseParser(self)
+        self._inBody = False
+        sink = self.sink
+        if sink is not None:
+            sink.responseEnd(None)
+
+    # httptools callbacks
+
+    def on_message_begin(self) -> None:
+        self._headers = []
+        self._reason = b""
+
+    def on_status(self, status: bytes) -> None:
+        self._reason += status
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self._inBody:
+            # After the body: trailers.
+            if self._trailers is None:
+                self._trailers = []
+            self._trailers.append((name, value.rstrip(b" \t")))
+        else:
+            self._headers.append((name, value.rstrip(b" \t")))
+
+    def on_headers_complete(self) -> None:
+        parser = self._parser
+        code = parser.get_status_code()
+        headers = Headers(self._headers)
+        if 100 <= code < 200 and code != 101:
+            if self.sink is not None:
+                self.sink.responseHead(code, self._reason, headers, self)
+            return
+        self._gotHead = True
+        self._inBody = True
+        self._closeDelimited = (
+            b"content-length" not in headers and b"transfer-encoding" not in headers and code not in (204, 304)
+        )
+        if self.sink is not None:
+            self.sink.responseHead(code, self._reason, headers, self)
+        if self._headRequest and code != 101:
+            raise _StopParsing()
+
+    def on_body(self, data: bytes) -> None:
+        if self.sink is not None:
+            self.sink.responseData(data)
+
+    def on_message_complete(self) -> None:
+        if not self._gotHead:
+            return  # the end of an interim 1xx response
+        self._inBody = False
+        sink = self.sink
+        if sink is not None:
+            sink.responseEnd(self._trailers)
+
+    @property
+    def keepAlive(self) -> bool:
+        return self.connected and not self._tunnel and self._parser.should_keep_alive()
+
+
+@implementer(IOpenSSLClientConnectionCreator)
+class _InsecureCreator:
+    """TLS without certificate verification, for C{insecureSkipVerify: true} only.  SNI is still sent."""
+
+    def __init__(self, hostname: str) -> None:
+        self._hostname = hostname.encode("idna") if not _isIP(hostname) else None
+        self._ctx = CertificateOptions(verify=False, raiseMinimumTo=None).getContext()
+
+    def clientConnectionForTLS(self, tlsProtocol: object) -> SSL.Connection:
+        conn = SSL.Connection(self._ctx, None)
+        conn.set_app_data(tlsProtocol)
+        if self._hostname:
+            conn.set_tlsext_host_name(self._hostname)
+        return conn
+
+
+def _isIP(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def tlsCreator(host: str, tls: TLSSettings) -> IOpenSSLClientConnectionCreator:
+    """The TLS connection creator for one upstream: its CA bundle, or the system store; hostname verified."""
+    if tls.insecureSkipVerify:
+        return _InsecureCreator(host)
+    if tls.caBundle is not None:
+        certs = [Certificate.loadPEM(pem) for pem in _splitPem(tls.caBundle)]
+        return optionsForClientTLS(host, trustRoot=trustRootFromCertificates(certs))
+    return optionsForClientTLS(host)
+
+
+def _splitPem(bundle: bytes) -> List[bytes]:
+    marker = b"-----END CERTIFICATE-----"
+    parts = []
+    for piece in bundle.split(marker):
+        start = piece.find(b"-----BEGIN CERTIFICATE-----")
+        if start >= 0:
+            parts.append(piece[start:] + marker + b"\n")
+    return parts
+
+
+class UpstreamPool:
+    """
+    Idle connections by upstream identity, capped and expired; new connections through endpoints, with the
+    upstream's TLS settings.  Connection creators are built once per identity, not per request.
+    """
+
+    def __init__(
+        self,
+        reactor,
+        *,
+        maxIdlePerKey: int = 32,
+        idleTimeout: float = 60.0,
+        connectTimeout: float = 10.0,
+    ) -> None:
+        self.reactor = reactor
+        self.maxIdlePerKey = maxIdlePerKey
+        self.idleTimeout = idleTimeout
+        self.connectTimeout = connectTimeout
+        self._idle: Dict[tuple, List[UpstreamConnection]] = {}
+        self._timers: Dict[int, object] = {}
+        self._creators: Dict[tuple, IOpenSSLClientConnectionCreator] = {}
+        self.active = 0  # connections open (idle or busy), for metrics and leak tests
+        self.onConnect: Optional[Callable[[Endpoint], None]] = None
+
+    def idleCount(self, key: Optional[tuple] = None) -> int:
+        if key is not None:
+            return len(self._idle.get(key, ()))
+        return sum(len(v) for v in self._idle.values())
+
+    def takeIdle(self, endpoint: Endpoint) -> Optional[UpstreamConnection]:
+        """An idle connection to C{endpoint}, most recently used first, or None."""
+        idle = self._idle.get(endpoint.key)
+        while idle:
+            conn = idle.pop()
+            if conn.connected:
+                return conn
+        return None
+
+    def connect(self, endpoint: Endpoint) -> defer.Deferred[UpstreamConnection]:
+        key = endpoint.key
+        conn = UpstreamConnection(self, key)
+        ep = HostnameEndpoint(self.reactor, endpoint.host, endpoint.port, timeout=self.connectTimeout)
+        if endpoint.scheme == "https":
+            creator = self._creators.get(key)
+            if creator is None:
+                creator = self._creators[key] = tlsCreator(endpoint.host, endpoint.tls)
+            ep = wrapClientTLS(creator, ep)
+        if self.onConnect is not None:
+            self.onConnect(endpoint)
+        d = connectProtocol(ep, conn)
+        self.active += 1
+
+        def failed(f: Failure) -> Failure:
+            self.active -= 1
+            return f
+
+        d.addErrback(failed)
+        return d
+
+    def _release(self, conn: UpstreamConnection) -> None:
+        if not conn.keepAlive:
+            conn.transport.loseConnection()
+            return
+        idle = self._idle.setdefault(conn.key, [])
+        if len(idle) >= self.maxIdlePerKey:
+            conn.transport.loseConnection()
+            return
+        idle.append(conn)
+        self._timers[id(conn)] = self.reactor.callLater(self.idleTimeout, self._expire, conn)
+
+    def _cancelIdle(self, conn: UpstreamConnection) -> None:
+        timer = self._timers.pop(id(conn), None)
+        if timer is not None and timer.active():  # type: ignore[attr-defined]
+            timer.cancel()  # type: ignore[attr-defined]
+
+    def _expire(self, conn: UpstreamConnection) -> None:
+        self._timers.pop(id(conn), None)
+        idle = self._idle.get(conn.key)
+        if idle and conn in idle:
+            idle.remove(conn)
+            conn.transport.loseConnection()
+
+    def _lost(self, conn: UpstreamConnection) -> None:
+        self.active -= 1
+        self._cancelIdle(conn)
+        idle = self._idle.get(conn.key)
+        if idle and conn in idle:
+            idle.remove(conn)
+        if idle is not None and not idle:
+            del self._idle[conn.key]
+
+    def prune(self, liveKeys: set[tuple]) -> None:
+        """Close idle connections and drop TLS creators of upstreams no route uses any more."""
+        for key in [k for k in self._idle if k not in liveKeys]:
+            for conn in self._idle.pop(key):
+                self._cancelIdle(conn)
+                conn.transport.loseConnection()
+        for key in [k for k in self._creators if k not in liveKeys]:
+            del self._creators[key]
+
+    def closeIdle(self) -> None:
+        self.prune(set())

@@ -1,0 +1,279 @@
+"""
+The request handler: everything that happens between "headers are in" and "bytes go upstream".
+
+For each request (SPEC 2): read the live table once, normalise the path, strip spoofed identity headers, find
+the route, authenticate and authorise (bundles and public paths excepted), then serve a bundle or build the
+upstream request (directives, header rules, forwarding headers, identity) and hand it to a L{ProxyCall}.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Callable, Optional, Sequence, Tuple
+
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+
+from ..auth import ANONYMOUS, Decision, Identity, addIdentityHeaders, stripIdentityHeaders
+from ..bundles import BundleContent, bundleResponse
+from ..directives import RequestView, applyHeaderRules, applyRequestDirectives
+from ..http.headers import Headers
+from ..http.server import Exchange
+from ..http.upstream import UpstreamPool
+from ..model.types import APIService, Endpoint, EndpointSource, JSBundle, ReverseProxy
+from ..paths import BadPath, RequestPath, parseTarget
+from ..routing import Route
+from .forward import ProxyCall, Timeouts, UpstreamRequest, stripHopByHop
+
+__all__ = ["Gateway", "ServedState"]
+
+log = Logger()
+
+_RETRY_AFTER = (b"Retry-After", b"5")
+
+
+class ServedState:
+    """
+    What one generation serves: the route table and the bundle bytes resolved for it.  Replaced as a whole, by
+    one assignment, so a request never sees a table from one generation and bundles from another.
+    """
+
+    __slots__ = ("table", "bundles", "generation", "ready")
+
+    def __init__(self, table, bundles, generation: int, ready: bool) -> None:
+        self.table = table
+        # link -> BundleContent, or an error message when its reference does not resolve.
+        self.bundles = bundles
+        self.generation = generation
+        self.ready = ready
+
+
+class Gateway:
+    """
+    The L{ksproxy.http.server.IRequestHandler} of the proxy listeners.
+
+    @ivar state: the live L{ServedState}; replaced (never mutated) by the reconciler.
+    """
+
+    def __init__(
+        self,
+        clock,
+        state: ServedState,
+        pool: UpstreamPool,
+        *,
+        timeouts: Timeouts = Timeouts(),
+        health=None,
+        gate=None,
+        fetchedBundle: Optional[Callable[[Endpoint], Optional[BundleContent]]] = None,
+        defaultUpstream: Optional[Endpoint] = None,
+        defaultUpstreamHeaders: Callable[[Headers, Identity], None] | None = None,
+        trustedProxies: Sequence[str] = (),
+    ) -> None:
+        self.clock = clock
+        self.state = state
+        self.pool = pool
+        self.timeouts = timeouts
+        self.health = health
+        self.gate = gate
+        self.fetchedBundle = fetchedBundle
+        self.defaultUpstream = defaultUpstream
+        self.defaultUpstreamHeaders = defaultUpstreamHeaders
+        self._trusted = [ipaddress.ip_network(n, strict=False) for n in trustedProxies]
+
+    # -- entry point ----------------------------------------------------------------------------------------
+
+    def handleRequest(self, exchange: Exchange) -> None:
+        state = self.state
+        exchange.generation = state.generation
+        try:
+            path = parseTarget(exchange.target)
+        except BadPath as e:
+            exchange.discardBody()
+            exchange.sendError(400, f"bad request path: {e}")
+            return
+        headers = exchange.headers
+        # SPEC 7.3: before anything else, so no rule or route ever sees a client's claim of identity.
+        stripIdentityHeaders(headers)
+        route = state.table.lookup(exchange.method, path)
+        if route is not None and route.kind == "bundle":
+            self._serveBundle(exchange, state, route)
+            return
+        gate = self.gate
+        if gate is None:
+            self._route(exchange, path, route, ANONYMOUS)
+            return
+        decision = gate.check(exchange.method, path, headers)
+        if isinstance(decision, Deferred):
+            decision.addCallback(self._decided, exchange, path, route)
+            decision.addErrback(self._gateFailed, exchange)
+        else:
+            self._decided(decision, exchange, path, route)
+
+    def _decided(self, decision: Decision, exchange: Exchange, path: RequestPath, route: Optional[Route]) -> None:
+        if exchange.finished:
+            return
+        if decision.code != 200:
+            extra = [(b"WWW-Authenticate", decision.wwwAuthenticate)] if decision.wwwAuthenticate else []
+            exchange.discardBody()
+            exchange.sendError(decision.code, decision.message, extra)
+            return
+        self._route(exchange, path, route, decision.identity or ANONYMOUS)
+
+    def _gateFailed(self, failure, exchange: Exchange) -> None:
+        log.failure("authentication or authorisation failed", failure)
+        if not exchange.finished:
+            exchange.discardBody()
+            exchange.sendError(503, "authentication service unavailable", [_RETRY_AFTER])
+
+    def _route(self, exchange: Exchange, path: RequestPath, route: Optional[Route], identity: Identity) -> None:
+        if route is None:
+            if self.defaultUpstream is not None and _isKubeAPIPath(path):
+                self._forwardDefault(exchange, path, identity)
+                return
+            exchange.discardBody()
+            exchange.sendError(404, f"no route for {path.rawPath.decode('latin-1')}")
+            return
+        exchange.route = f"{route.kind}/{route.name}"
+        if not route.servable:
+            exchange.discardBody()
+            exchange.sendError(503, f"{route.resource.kind} {route.name} is not available: {route.reason}", [_RETRY_AFTER])
+            return
+        resource = route.resource
+        if isinstance(resource, ReverseProxy):
+            self._forwardReverseProxy(exchange, path, resource, identity)
+        elif isinstance(resource, APIService):
+            self._forwardAPIService(exchange, path, resource, identity)
+        else:  # pragma: no cover - the table only holds the three kinds
+            exchange.discardBody()
+            exchange.sendError(500, f"unexpected route kind {route.kind}")
+
+    # -- bundles --------------------------------------------------------------------------------------------
+
+    def _serveBundle(self, exchange: Exchange, state: ServedState, route: Route) -> None:
+        exchange.route = f"bundle/{route.name}"
+        exchange.discardBody()
+        if not route.servable:
+            exchange.sendError(503, f"JSBundle {route.name} is not available: {route.reason}", [_RETRY_AFTER])
+            return
+        bundle: JSBundle = route.resource  # type: ignore[assignment]
+        link = route.matcher
+        content = state.bundles.get(link)
+        if content is None and self.fetchedBundle is not None:
+            source = _sourceForLink(bundle, link)
+            if source is not None:
+                content = self.fetchedBundle(source)
+                if content is None:
+                    exchange.sendError(503, f"JSBundle {route.name}: content not fetched yet", [_RETRY_AFTER])
+                    return
+        if content is None or isinstance(content, str):
+            exchange.sendError(503, f"JSBundle {route.name}: {content or 'content unavailable'}", [_RETRY_AFTER])
+            return
+        code, headers, body = bundleResponse(content, exchange.method, exchange.headers, main=(link == bundle.link))
+        if code == 405:
+            exchange.sendError(405, f"method {exchange.method.decode('latin-1')} is not allowed on a bundle", headers)
+            return
+        exchange.writeHead(code, headers, length=len(body) if code != 304 else None, noBody=code == 304)
+        if exchange.method != b"HEAD":
+            exchange.write(body)
+        exchange.finish()
+
+    # -- forwarding -----------------------------------------------------------------------------------------
+
+    def _upstreamDown(self, exchange: Exchange, endpoint: Endpoint) -> bool:
+        health = self.health
+        if health is not None and health.isDown(endpoint.key):
+            exchange.discardBody()
+            exchange.sendError(503, f"upstream {endpoint.origin} is down (failing health checks)", [_RETRY_AFTER])
+            return True
+        return False
+
+    def _forwardingHeaders(self, exchange: Exchange, endpoint: Endpoint) -> Tuple[Headers, Optional[bytes], bytes]:
+        """Hop-by-hop removal, Host, X-Forwarded-*; returns the headers, the Upgrade value, the client's Host."""
+        headers = exchange.headers
+        upgrade = headers.get(b"upgrade") if exchange.upgrade else None
+        clientHost = headers.get(b"host") or b""
+        stripHopByHop(headers)
+        if upgrade is not None:
+            headers.add(b"Connection", b"Upgrade")
+            headers.add(b"Upgrade", upgrade)
+        trusted = self._isTrusted(exchange.clientAddress)
+        xff = headers.get(b"x-forwarded-for")
+        client = exchange.clientAddress.encode("latin-1")
+        headers.set(b"X-Forwarded-For", xff + b", " + client if xff else client)
+        if not (trusted and b"x-forwarded-proto" in headers):
+            headers.set(b"X-Forwarded-Proto", b"https" if exchange.secure else b"http")
+        if not (trusted and b"x-forwarded-host" in headers) and clientHost:
+            headers.set(b"X-Forwarded-Host", clientHost)
+        headers.set(b"Host", endpoint.hostport.encode("idna"))
+        return headers, upgrade, clientHost
+
+    def _isTrusted(self, address: str) -> bool:
+        if not self._trusted:
+            return False
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        return any(ip in net for net in self._trusted)
+
+    def _forwardReverseProxy(self, exchange: Exchange, path: RequestPath, rp: ReverseProxy, identity: Identity) -> None:
+        endpoint = rp.upstream
+        exchange.upstreamName = endpoint.origin
+        if self._upstreamDown(exchange, endpoint):
+            return
+        headers, upgrade, clientHost = self._forwardingHeaders(exchange, endpoint)
+        view = RequestView(method=exchange.method, host=clientHost, rawPath=path.rawPath, query=path.query, headers=headers)
+        directives = rp.directives
+        applyRequestDirectives(directives, view)
+        if directives.authProxy:
+            addIdentityHeaders(headers, identity)
+        rawPath = view.rawPath
+        if rp.upstreamPathPrefix and endpoint.path not in ("", "/"):
+            rawPath = endpoint.path.rstrip("/").encode("utf-8") + rawPath
+        target = rawPath if view.query is None else rawPath + b"?" + view.query
+        rewriteResponse = None
+        if directives.headerDown:
+            rules = directives.headerDown
+
+            def rewriteResponse(h: Headers) -> None:
+                applyHeaderRules(rules, h, view)
+
+        request = UpstreamRequest(endpoint, view.method, target, headers, rewriteResponse, upgrade)
+        ProxyCall(exchange, request, self.pool, self.clock, self.timeouts, self.health).start()
+
+    def _forwardAPIService(self, exchange: Exchange, path: RequestPath, api: APIService, identity: Identity) -> None:
+        endpoint = api.endpoint
+        exchange.upstreamName = endpoint.origin
+        if self._upstreamDown(exchange, endpoint):
+            return
+        headers, upgrade, _ = self._forwardingHeaders(exchange, endpoint)
+        addIdentityHeaders(headers, identity)
+        request = UpstreamRequest(endpoint, exchange.method, path.target, headers, None, upgrade)
+        ProxyCall(exchange, request, self.pool, self.clock, self.timeouts, self.health).start()
+
+    def _forwardDefault(self, exchange: Exchange, path: RequestPath, identity: Identity) -> None:
+        endpoint = self.defaultUpstream
+        assert endpoint is not None
+        exchange.route = "default"
+        exchange.upstreamName = endpoint.origin
+        if self._upstreamDown(exchange, endpoint):
+            return
+        headers, upgrade, _ = self._forwardingHeaders(exchange, endpoint)
+        if self.defaultUpstreamHeaders is not None:
+            self.defaultUpstreamHeaders(headers, identity)
+        request = UpstreamRequest(endpoint, exchange.method, path.target, headers, None, upgrade)
+        ProxyCall(exchange, request, self.pool, self.clock, self.timeouts, self.health).start()
+
+
+def _isKubeAPIPath(path: RequestPath) -> bool:
+    first = path.segments[0] if path.segments else ""
+    return first in ("api", "apis")
+
+
+def _sourceForLink(bundle: JSBundle, link: str) -> Optional[Endpoint]:
+
+    if link == bundle.link:
+        source = bundle.source
+    else:
+        source = next((a.source for a in bundle.assets if a.link == link), None)
+    return source.endpoint if isinstance(source, EndpointSource) else None

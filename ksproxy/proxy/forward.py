@@ -1,0 +1,385 @@
+"""
+Forwarding one request to an upstream and streaming the answer back (SPEC 6).
+
+A L{ProxyCall} joins an L{Exchange} (the client side) to an L{UpstreamConnection}: it writes the request head,
+streams the body with backpressure both ways, relays the response (or a 101 tunnel), and maps each failure to
+the right answer: 502 when the upstream cannot be reached or answers garbage, 504 on a timeout, an aborted
+client connection when the upstream fails after the head went out.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import attrs
+from twisted.internet.error import ConnectError, ConnectionRefusedError, DNSLookupError, TimeoutError
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from ..http.headers import Headers
+from ..http.server import Exchange
+from ..http.upstream import UpstreamConnection, UpstreamPool
+from ..model.types import Endpoint
+
+__all__ = ["Timeouts", "HOP_BY_HOP", "UpstreamRequest", "ProxyCall", "stripHopByHop", "IDEMPOTENT"]
+
+log = Logger()
+
+HOP_BY_HOP = frozenset(
+    [
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"proxy-connection",
+    ]
+)
+
+IDEMPOTENT = frozenset([b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"])
+
+
+@attrs.frozen
+class Timeouts:
+    """Upstream timeouts in seconds (SPEC 6).  None disables one."""
+
+    connect: float = 10.0
+    # From the end of the request head (and each body chunk sent) to the response head.
+    responseHeader: Optional[float] = 60.0
+    # No byte either way for this long, once the response has started.
+    idle: Optional[float] = 900.0
+    # The same for upgraded connections (exec shells can sit quietly for a long time).
+    tunnelIdle: Optional[float] = 3600.0
+
+
+def stripHopByHop(headers: Headers) -> None:
+    """Remove hop-by-hop headers and every header named in C{Connection} (RFC 9110 7.6.1)."""
+    named = set()
+    for value in headers.getAll(b"connection"):
+        for token in value.split(b","):
+            token = token.strip().lower()
+            if token:
+                named.add(token)
+    if named:
+        headers.removeMany(HOP_BY_HOP | named)
+    else:
+        headers.removeMany(HOP_BY_HOP)
+
+
+@attrs.define
+class UpstreamRequest:
+    """The request as it goes to the upstream, after routing, directives and header rules."""
+
+    endpoint: Endpoint
+    method: bytes
+    target: bytes
+    headers: Headers
+    # Applied to the response head (headerDown); may be None.
+    rewriteResponse: Optional[Callable[[Headers], None]] = None
+    upgrade: Optional[bytes] = None  # the Upgrade header value for upgrade requests
+
+
+class _Done(Exception):
+    pass
+
+
+class ProxyCall:
+    """One request in flight to one upstream."""
+
+    __slots__ = (
+        "exchange",
+        "request",
+        "pool",
+        "clock",
+        "timeouts",
+        "health",
+        "conn",
+        "_chunkedUp",
+        "_bodySent",
+        "_headSent",
+        "_retried",
+        "_timer",
+        "_done",
+        "_upstreamCongested",
+        "_isHead",
+    )
+
+    def __init__(
+        self,
+        exchange: Exchange,
+        request: UpstreamRequest,
+        pool: UpstreamPool,
+        clock,
+        timeouts: Timeouts,
+        health=None,
+    ) -> None:
+        self.exchange = exchange
+        self.request = request
+        self.pool = pool
+        self.clock = clock
+        self.timeouts = timeouts
+        self.health = health
+        self.conn: Optional[UpstreamConnection] = None
+        self._chunkedUp = False
+        self._bodySent = not exchange.hasBody
+        self._headSent = False
+        self._retried = False
+        self._timer = None
+        self._done = False
+        self._upstreamCongested = False
+        self._isHead = request.method == b"HEAD"
+
+    # -- starting -----------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        exchange = self.exchange
+        exchange.onClientGone = self.clientGone
+        conn = self.pool.takeIdle(self.request.endpoint)
+        if conn is not None:
+            self._attach(conn)
+        else:
+            self._connect()
+
+    def _connect(self) -> None:
+        d = self.pool.connect(self.request.endpoint)
+        d.addCallbacks(self._connected, self._connectFailed)
+
+    def _connected(self, conn: UpstreamConnection) -> None:
+        if self._done:
+            # The client went away while we were connecting: keep the connection for someone else.
+            conn.release()
+            return
+        self._attach(conn)
+
+    def _connectFailed(self, reason: Failure) -> None:
+        if self._done:
+            return
+        if self.health is not None:
+            self.health.passiveFailure(self.request.endpoint.key)
+        if reason.check(TimeoutError):
+            self._error(504, f"upstream {self.request.endpoint.origin} did not accept the connection in time")
+        elif reason.check(DNSLookupError):
+            self._error(502, f"upstream {self.request.endpoint.origin}: host name not found")
+        elif reason.check(ConnectionRefusedError, ConnectError):
+            self._error(502, f"upstream {self.request.endpoint.origin} refused the connection")
+        else:
+            self._error(502, f"upstream {self.request.endpoint.origin} connection failed: {reason.getErrorMessage()}")
+
+    def _attach(self, conn: UpstreamConnection) -> None:
+        self.conn = conn
+        request = self.request
+        exchange = self.exchange
+        headers = request.headers
+        exchange.responseProducer = conn
+        if exchange.hasBody and not exchange.upgrade:
+            if b"content-length" not in headers:
+                self._chunkedUp = True
+                headers.add(b"Transfer-Encoding", b"chunked")
+        head = [b"%s %s HTTP/1.1\r\n" % (request.method, request.target)]
+        head.extend([b"%s: %s\r\n" % (n, v) for _, n, v in headers.items])
+        head.append(b"\r\n")
+        conn.startRequest(self, b"".join(head), self._isHead)
+        if self._chunkedUp:
+            # Take it back out so a retry on a fresh connection does not add it twice.
+            headers.remove(b"transfer-encoding")
+        if exchange.congestedByClient:
+            conn.pauseReading()
+        self._armTimer(self.timeouts.responseHeader)
+        if exchange.upgrade:
+            exchange.discardBody() if not exchange.hasBody else exchange.setBodyConsumer(self)
+        elif exchange.hasBody:
+            exchange.setBodyConsumer(self)
+
+    # -- request body (BodyConsumer) ------------------------------------------------------------------------
+
+    def bodyData(self, data: bytes) -> None:
+        conn = self.conn
+        if conn is None or self._done:
+            return
+        if self._chunkedUp:
+            conn.writeSequence([b"%x\r\n" % len(data), data, b"\r\n"])
+        else:
+            conn.write(data)
+        if self._timer is not None and not self._headSent:
+            self._armTimer(self.timeouts.responseHeader)
+
+    def bodyEnd(self) -> None:
+        self._bodySent = True
+        conn = self.conn
+        if conn is None or self._done:
+            return
+        if self._chunkedUp:
+            conn.write(b"0\r\n\r\n")
+
+    # -- response (IResponseSink) ---------------------------------------------------------------------------
+
+    def responseHead(self, code: int, reason: bytes, headers: Headers, connection: UpstreamConnection) -> None:
+        exchange = self.exchange
+        if 100 <= code < 200 and code != 101:
+            if code == 100 and exchange.expectContinue:
+                exchange.sendContinue()
+            return
+        self._headSent = True
+        if self.health is not None:
+            if code >= 500:
+                self.health.passiveFailure(self.request.endpoint.key)
+            else:
+                self.health.passiveSuccess(self.request.endpoint.key)
+        if code == 101:
+            self._startTunnel(reason, headers)
+            return
+        length: Optional[int] = None
+        cl = headers.get(b"content-length")
+        if cl is not None and b"transfer-encoding" not in headers:
+            try:
+                length = int(cl)
+            except ValueError:
+                self._error(502, "upstream sent an invalid Content-Length")
+                return
+        stripHopByHop(headers)
+        headers.remove(b"content-length")
+        if self.request.rewriteResponse is not None:
+            self.request.rewriteResponse(headers)
+        exchange.writeHead(code, headers, reason=reason or None, length=length)
+        self._armTimer(self.timeouts.idle)
+
+    def _startTunnel(self, reason: bytes, headers: Headers) -> None:
+        exchange = self.exchange
+        upgrade = headers.get(b"upgrade")
+        stripHopByHop(headers)
+        if upgrade is not None:
+            headers.add(b"Upgrade", upgrade)
+        if self.request.rewriteResponse is not None:
+            self.request.rewriteResponse(headers)
+        exchange.writeHead(101, headers, reason=reason or None)
+        exchange.startTunnel(self._tunnelFromClient)
+        self._armTimer(self.timeouts.tunnelIdle)
+
+    def _tunnelFromClient(self, data: bytes) -> None:
+        conn = self.conn
+        if conn is not None and not self._done:
+            conn.write(data)
+            if self._timer is not None:
+                self._armTimer(self.timeouts.tunnelIdle)
+
+    def responseData(self, data: bytes) -> None:
+        if self._done:
+            return
+        self.exchange.write(data)
+        if self._timer is not None:
+            self._armTimer(self.timeouts.tunnelIdle if self.exchange._tunnel else self.timeouts.idle)
+
+    def responseEnd(self, trailers: Optional[List[Tuple[bytes, bytes]]]) -> None:
+        if self._done:
+            return
+        self._done = True
+        self._cancelTimer()
+        conn, self.conn = self.conn, None
+        exchange = self.exchange
+        exchange.responseProducer = None
+        if conn is not None:
+            if self._bodySent and not exchange.upgrade and conn.connected:
+                conn.release()
+            else:
+                # The upstream answered before it had our whole body: the connection is not reusable.
+                conn.abort()
+        if not exchange.finished:
+            exchange.finish(trailers if trailers else None)
+
+    def upstreamLost(self, reason: Failure, gotHead: bool) -> None:
+        if self._done:
+            return
+        conn, self.conn = self.conn, None
+        if not gotHead and not self._headSent:
+            # A reused connection that the upstream had already closed: retry once, only when that is safe.
+            if (
+                conn is not None
+                and conn.requests > 1
+                and not self._retried
+                and self.request.method in IDEMPOTENT
+                and not self.exchange.hasBody
+                and not self.exchange.upgrade
+            ):
+                self._retried = True
+                self._cancelTimer()
+                self._connect()
+                return
+            if self.health is not None:
+                self.health.passiveFailure(self.request.endpoint.key)
+            self._error(502, f"upstream {self.request.endpoint.origin} closed the connection without a response")
+            return
+        # Mid-body: the client must see an incomplete response, never one that looks complete.
+        self._done = True
+        self._cancelTimer()
+        self.exchange.responseProducer = None
+        self.exchange.abort()
+
+    def upstreamCongested(self, congested: bool) -> None:
+        self._upstreamCongested = congested
+        exchange = self.exchange
+        if exchange._tunnel is not None:
+            exchange.pauseTunnel() if congested else exchange.resumeTunnel()
+        else:
+            exchange.pauseBody() if congested else exchange.resumeBody()
+
+    # -- endings --------------------------------------------------------------------------------------------
+
+    def clientGone(self) -> None:
+        """The client disconnected: abort the upstream request (SPEC 6)."""
+        if self._done:
+            return
+        self._done = True
+        self._cancelTimer()
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            conn.abort()
+
+    def _error(self, code: int, message: str, extra: Sequence[Tuple[bytes, bytes]] = ()) -> None:
+        self._done = True
+        self._cancelTimer()
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            conn.abort()
+        exchange = self.exchange
+        exchange.responseProducer = None
+        if not exchange.finished:
+            exchange.sendError(code, message, extra)
+
+    # -- timers ---------------------------------------------------------------------------------------------
+
+    def _armTimer(self, delay: Optional[float]) -> None:
+        if delay is None:
+            self._cancelTimer()
+            return
+        timer = self._timer
+        if timer is not None and timer.active():
+            timer.reset(delay)
+        else:
+            self._timer = self.clock.callLater(delay, self._timedOut)
+
+    def _cancelTimer(self) -> None:
+        timer = self._timer
+        if timer is not None:
+            if timer.active():
+                timer.cancel()
+            self._timer = None
+
+    def _timedOut(self) -> None:
+        self._timer = None
+        if self._done:
+            return
+        if not self._headSent:
+            if self.health is not None:
+                self.health.passiveFailure(self.request.endpoint.key)
+            self._error(504, f"upstream {self.request.endpoint.origin} did not answer in time")
+        else:
+            # Idle mid-stream: the response cannot be completed.
+            self._done = True
+            conn, self.conn = self.conn, None
+            if conn is not None:
+                conn.abort()
+            self.exchange.responseProducer = None
+            self.exchange.abort()
