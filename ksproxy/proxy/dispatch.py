@@ -172,9 +172,15 @@ class Gateway:
         if code == 405:
             exchange.sendError(405, f"method {exchange.method.decode('latin-1')} is not allowed on a bundle", headers)
             return
-        exchange.writeHead(code, headers, length=len(body) if code != 304 else None, noBody=code == 304)
-        if exchange.method != b"HEAD":
-            exchange.write(body)
+        length = None
+        framed = []
+        for name, value in headers:
+            if name == b"Content-Length":
+                length = int(value)
+            else:
+                framed.append((name, value))
+        exchange.writeHead(code, framed, length=length, noBody=code == 304)
+        exchange.write(body)
         exchange.finish()
 
     # -- forwarding -----------------------------------------------------------------------------------------

@@ -1,0 +1,807 @@
+# -*- test-case-name: tests.unit.test_parse,tests.unit.test_examples_real -*-
+"""
+The only way into the model: a raw Kubernetes object (a dict from YAML, JSON or the API) becomes a frozen
+L{ksproxy.model.types} resource, a L{Rejection} that names kind, name and field path, or a "skipped" reason
+when the object is not ours to serve (SPEC 1, 4.2-4.4 validation, 8 status.state).
+
+Everything that can be checked without the network is checked here, once, when the object is read: a CA
+bundle that does not load, a matcher pattern or a header rule that does not compile, is a rejection now and
+never a failure at request time.
+
+Choices where the SPEC is silent (also listed in the module's tests):
+  - an explicit null is the same as an absent field (the API server prunes nulls), and so is an empty
+    string for optional strings (Helm renders C{caBundle: ""}, C{raw: ""});
+  - C{status.enabled: false} means C{Disabled}; when C{status.state} says otherwise, C{Disabled} wins (a
+    warning says so): turning something off must not be undone by a stale state;
+  - a health check's C{timeout} longer than its C{interval} is capped to the interval, with a warning;
+  - a URL path on an APIService upstream, or on a ReverseProxy upstream without C{prependPath: true}, is not
+    used: a warning says so; a query string is kept only on JSBundle sources (it is part of what is fetched);
+  - TLS settings on a plain-http endpoint are dropped with a warning;
+  - all JSBundle sources that are set are validated, not only the one used;
+  - unknown fields are debug notes, except a key that an enclosing mapping understands (a repeated or
+    mis-indented key such as C{spec.rawFrom.rawFrom}): that one is a warning, since the author believes it
+    has an effect.
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import re
+from typing import Any, Callable, List, Mapping, Optional, Tuple, TypeVar
+from urllib.parse import urlsplit
+
+import attrs
+
+from ksproxy.model._fields import (
+    Context,
+    Fields,
+    Invalid,
+    checkDNSLabel,
+    checkDNSSubdomain,
+    isToken,
+    parseDuration,
+    timestamp,
+    typeName,
+)
+from ksproxy.model._pem import decodeBase64Pem, pemFromBase64, scriptFromBase64
+from ksproxy.model.types import (
+    API_VERSION,
+    GROUP,
+    KIND_APISERVICE,
+    KIND_JSBUNDLE,
+    KIND_REVERSEPROXY,
+    KINDS,
+    STATE_AVAILABLE,
+    STATE_DISABLED,
+    STATE_UNAVAILABLE,
+    APIService,
+    Asset,
+    BundleSource,
+    ConfigMapSource,
+    Directives,
+    Endpoint,
+    EndpointSource,
+    HealthCheck,
+    JSBundle,
+    Matcher,
+    ObjectMeta,
+    RawSource,
+    Rejection,
+    Resource,
+    ReverseProxy,
+    SecretSource,
+    TLSSettings,
+)
+
+__all__ = ["ParseResult", "parseResource", "parseDuration", "decodeBase64Pem", "LABEL_EXTENSION_REF"]
+
+LABEL_EXTENSION_REF = "kubesphere.io/extension-ref"
+LABEL_PROXY_TARGET = "kubesphere.io/reverse-proxy-target"
+
+_KNOWN_STATES = (STATE_AVAILABLE, STATE_UNAVAILABLE, STATE_DISABLED)
+
+_TOP_KEYS = ("apiVersion", "kind", "metadata", "spec", "status")
+_META_KEYS = ("name", "namespace", "uid", "generation", "resourceVersion", "creationTimestamp", "labels")
+# Ordinary ObjectMeta that ksproxy has no use for: not even worth a debug note.
+_META_OTHER = (
+    "annotations",
+    "generateName",
+    "managedFields",
+    "ownerReferences",
+    "finalizers",
+    "deletionTimestamp",
+    "deletionGracePeriodSeconds",
+    "selfLink",
+)
+_STATUS_KEYS = ("state", "enabled")
+_STATUS_IGNORED = ("conditions", "observedGeneration")
+_ENDPOINT_KEYS = ("url", "service", "caBundle", "insecureSkipVerify", "insecureSkipTLSVerify")
+_SERVICE_KEYS = ("namespace", "name", "port", "path", "scheme")
+_HEALTH_KEYS = ("url", "interval", "timeout", "status", "rise", "fall")
+_APISERVICE_KEYS = ("group", "version", "nonResourceURLs", "endpoint", "healthCheck") + _ENDPOINT_KEYS
+_PROXY_KEYS = ("matcher", "upstream", "directives", "rewrite", "header", "healthCheck")
+_PROXY_IGNORED = ("enabled",)  # an early 4.x ReverseProxySpec field
+_UPSTREAM_KEYS = _ENDPOINT_KEYS + ("backend", "caBudle", "healthCheck", "prependPath")
+_DIRECTIVE_KEYS = (
+    "method",
+    "stripPathPrefix",
+    "stripPathSuffix",
+    "headerUp",
+    "headerDown",
+    "rewrite",
+    "replace",
+    "uriSubstring",
+    "pathRegexp",
+    "authProxy",
+)
+# KubeSphere transport knobs that have no meaning in ksproxy (it always behaves as a plain reverse proxy).
+_DIRECTIVE_IGNORED = ("wrapTransport", "rejectForwardingRedirects", "changeOrigin", "interceptRedirects")
+_BUNDLE_KEYS = ("raw", "rawFrom", "filenameOverride", "assets")
+_RAWFROM_KEYS = _ENDPOINT_KEYS + ("configMapKeyRef", "secretKeyRef")
+_KEYREF_KEYS = ("name", "key", "namespace")
+_KEYREF_IGNORED = ("optional",)
+
+_HOSTNAME = re.compile(r"[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?(\.[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?)*\.?")
+_CONFIG_KEY = re.compile(r"[-._a-zA-Z0-9]+")
+_MIME = re.compile(r"[A-Za-z0-9][\w.+-]*/[A-Za-z0-9][\w.+-]*(\s*;.*)?")
+_UNSAFE_IN_PATH = re.compile(r"[\s\x00-\x1f\x7f?#]")
+
+_T = TypeVar("_T")
+
+
+@attrs.frozen
+class ParseResult:
+    """
+    The outcome of L{parseResource}.  Exactly one of C{obj}, C{rejection}, C{skipped} is set.
+
+    @ivar warnings: human-readable, each naming kind/name and field; report them (log at warning level).
+    @ivar notes: debug-level information (unknown fields, accepted-and-ignored fields, double encodings);
+        log them at debug level.  The model package does no logging of its own.
+    """
+
+    obj: Optional[Resource]
+    rejection: Optional[Rejection]
+    warnings: Tuple[str, ...]
+    skipped: Optional[str] = None
+    kind: str = ""
+    name: str = ""
+    notes: Tuple[str, ...] = ()
+
+    @property
+    def accepted(self) -> bool:
+        return self.obj is not None
+
+
+def parseResource(raw: Mapping[str, Any]) -> ParseResult:
+    """
+    Turn one raw object into a model, a rejection, or a skip.  Never raises, whatever C{raw} holds.
+    """
+    ctx = Context()
+    try:
+        obj, skipped = _parse(ctx, raw)
+    except Invalid as e:
+        return _result(ctx, rejection=Rejection(ctx.kind, ctx.name, e.field, e.message))
+    except Exception as e:  # noqa: BLE001 - a surprise in the input must never escape as an exception
+        message = f"could not be parsed (internal parser error {type(e).__name__}: {e})"
+        return _result(ctx, rejection=Rejection(ctx.kind, ctx.name, "", message))
+    return _result(ctx, obj=obj, skipped=skipped)
+
+
+def _result(
+    ctx: Context,
+    *,
+    obj: Optional[Resource] = None,
+    rejection: Optional[Rejection] = None,
+    skipped: Optional[str] = None,
+) -> ParseResult:
+    return ParseResult(
+        obj=obj,
+        rejection=rejection,
+        warnings=tuple(ctx.warnings),
+        skipped=skipped,
+        kind=ctx.kind,
+        name=ctx.name,
+        notes=tuple(ctx.notes),
+    )
+
+
+def _parse(ctx: Context, raw: Any) -> Tuple[Optional[Resource], Optional[str]]:
+    if not isinstance(raw, Mapping):
+        raise Invalid("", f"a resource must be an object, not {typeName(raw)}")
+    kind = raw.get("kind")
+    if isinstance(kind, str):
+        ctx.kind = kind
+    rawMeta = raw.get("metadata")
+    if isinstance(rawMeta, Mapping) and isinstance(rawMeta.get("name"), str):
+        ctx.name = rawMeta["name"]
+    if kind is None or kind == "":
+        raise Invalid("kind", "required field is missing")
+    if not isinstance(kind, str):
+        raise Invalid("kind", f"must be a string, not {typeName(kind)}")
+    apiVersion = raw.get("apiVersion")
+    if apiVersion is None or apiVersion == "":
+        raise Invalid("apiVersion", "required field is missing")
+    if not isinstance(apiVersion, str):
+        raise Invalid("apiVersion", f"must be a string, not {typeName(apiVersion)}")
+    if apiVersion != API_VERSION:
+        if apiVersion.rpartition("/")[0] == GROUP:
+            return None, f"apiVersion {apiVersion} is not served by ksproxy (it serves {API_VERSION})"
+        return None, (
+            f"apiVersion {apiVersion} is not {API_VERSION}: {kind} of another API group is not served by ksproxy"
+        )
+    if kind not in KINDS:
+        return None, f"kind {kind} is not served by ksproxy"
+
+    top = Fields(ctx, raw, "", _TOP_KEYS)
+    if kind == KIND_REVERSEPROXY and _proxyTargetsConsole(rawMeta):
+        return (
+            None,
+            f"label {LABEL_PROXY_TARGET}: ks-console: served by the KubeSphere console, not by ksproxy",
+        )
+    meta = _metadata(ctx, top)
+    state, link = _status(ctx, top, kind)
+    if kind == KIND_APISERVICE:
+        return _apiService(ctx, top, meta, state), None
+    if kind == KIND_REVERSEPROXY:
+        return _reverseProxy(ctx, top, meta, state), None
+    return _jsBundle(ctx, top, meta, state, link), None
+
+
+def _proxyTargetsConsole(rawMeta: Any) -> bool:
+    if not isinstance(rawMeta, Mapping):
+        return False
+    labels = rawMeta.get("labels")
+    return isinstance(labels, Mapping) and labels.get(LABEL_PROXY_TARGET) == "ks-console"
+
+
+# -- metadata and status ------------------------------------------------------------------------------------
+
+
+def _metadata(ctx: Context, top: Fields) -> ObjectMeta:
+    m = top.mapping("metadata", _META_KEYS + _META_OTHER, required=True)
+    assert m is not None
+    name = m.string("name", required=True)
+    assert name is not None
+    checkDNSSubdomain(m.at("name"), name, "a valid object name (a DNS subdomain)")
+    namespace = m.get("namespace")
+    if namespace is not None:
+        if not isinstance(namespace, str):
+            raise Invalid(m.at("namespace"), f"must be a string, not {typeName(namespace)}")
+        if namespace:
+            ctx.warn(m.at("namespace"), f"{ctx.kind} is cluster-scoped; namespace {namespace!r} is ignored")
+    labels = m.get("labels")
+    if labels is None:
+        labels = {}
+    if not isinstance(labels, Mapping):
+        raise Invalid(m.at("labels"), f"must be an object of strings, not {typeName(labels)}")
+    for key, value in labels.items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise Invalid(
+                f"{m.at('labels')}.{key}", f"label keys and values must be strings, not {typeName(value)}"
+            )
+    return ObjectMeta(
+        name=name,
+        uid=m.string("uid") or "",
+        generation=m.integer("generation", low=0) or 0,
+        resourceVersion=m.string("resourceVersion") or "",
+        creationTimestamp=timestamp(m.get("creationTimestamp"), m.at("creationTimestamp")),
+        labels=dict(labels),
+    )
+
+
+def _status(ctx: Context, top: Fields, kind: str) -> Tuple[Optional[str], Optional[str]]:
+    """C{status.state} (with the legacy C{enabled}) and, for a JSBundle, C{status.link}."""
+    keys = _STATUS_KEYS + (("link",) if kind == KIND_JSBUNDLE else ())
+    status = top.mapping("status", keys, _STATUS_IGNORED)
+    if status is None:
+        return None, None
+    state = status.string("state") or None
+    if state is not None and state not in _KNOWN_STATES:
+        if state == "Enabled":
+            hint = "; 'Enabled' is an older spelling: KubeSphere 4.x serves only 'Available'"
+        else:
+            close = difflib.get_close_matches(state, _KNOWN_STATES, n=1, cutoff=0.8)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+        ctx.warn(
+            status.at("state"),
+            f"unknown state {state!r} (known: {', '.join(_KNOWN_STATES)}){hint}; kept as written",
+        )
+    enabled = status.boolean("enabled")
+    if enabled is False:
+        if state is None:
+            state = STATE_DISABLED
+        elif state != STATE_DISABLED:
+            ctx.warn(
+                status.at("enabled"),
+                f"false contradicts {status.at('state')}: {state!r}; the object is treated as Disabled",
+            )
+            state = STATE_DISABLED
+    link = status.string("link") if kind == KIND_JSBUNDLE else None
+    return state, link or None
+
+
+# -- endpoints ----------------------------------------------------------------------------------------------
+
+
+def _oneOf(
+    f: Fields, keys: Tuple[str, ...], read: Callable[[Fields, str], Optional[_T]]
+) -> Tuple[str, Optional[_T]]:
+    """Read a field that has several spellings; two spellings set at once is an error."""
+    found = [(key, read(f, key)) for key in keys]
+    found = [(key, value) for key, value in found if value is not None]
+    if len(found) > 1:
+        names = " and ".join(f.at(key) for key, _ in found)
+        raise Invalid(f.at(found[1][0]), f"{names} are spellings of the same field; set only one")
+    return found[0] if found else (keys[0], None)
+
+
+def _readString(f: Fields, key: str) -> Optional[str]:
+    value = f.string(key)
+    if value == "":
+        f.ctx.note(f.at(key), "empty, treated as not set")
+        return None
+    return value
+
+
+def _readBool(f: Fields, key: str) -> Optional[bool]:
+    return f.boolean(key)
+
+
+def _readBundle(f: Fields, key: str) -> Any:
+    value = f.get(key)
+    if value is None or value == "" or value == b"":
+        return None
+    if not isinstance(value, (str, bytes, bytearray)):
+        raise Invalid(f.at(key), f"must be a base64 string (Kubernetes format: byte), not {typeName(value)}")
+    return value
+
+
+def _endpoint(
+    ctx: Context,
+    f: Fields,
+    *,
+    urlAliases: Tuple[str, ...] = (),
+    caAliases: Tuple[str, ...] = (),
+    required: bool = True,
+    keepQuery: bool = False,
+) -> Optional[Endpoint]:
+    """SPEC 1.1: the Endpoint fields written inline in the mapping C{f}."""
+    urlKey, url = _oneOf(f, ("url",) + urlAliases, _readString)
+    hasService = f.has("service")
+    if url is not None and hasService:
+        raise Invalid(
+            f.path,
+            f"both {f.at(urlKey)} and {f.at('service')} are set; set exactly one"
+            " (KubeSphere would silently use the url)",
+        )
+    tls = _tls(f, caAliases)
+    if url is None and not hasService:
+        if required:
+            raise Invalid(f.path or "spec", f"one of {f.at('url')} or {f.at('service')} is required")
+        if tls != TLSSettings():
+            ctx.warn(f.path, "TLS settings have no effect without url or service")
+        return None
+    if url is not None:
+        scheme, host, port, path = _parseURL(ctx, f.at(urlKey), url, keepQuery=keepQuery)
+    else:
+        scheme, host, port, path = _service(f)
+    if scheme == "http" and tls != TLSSettings():
+        ctx.warn(f.path, "caBundle/insecureSkipVerify have no effect on a plain http:// endpoint; ignored")
+        tls = TLSSettings()
+    return Endpoint(scheme=scheme, host=host, port=port, path=path, tls=tls)
+
+
+def _tls(f: Fields, caAliases: Tuple[str, ...]) -> TLSSettings:
+    caKey, ca = _oneOf(f, ("caBundle",) + caAliases, _readBundle)
+    insecureKey, insecure = f.at("insecureSkipVerify"), f.boolean("insecureSkipVerify")
+    legacy = f.boolean("insecureSkipTLSVerify")
+    if legacy is not None:
+        if insecure is not None and insecure != legacy:
+            raise Invalid(
+                f.at("insecureSkipTLSVerify"),
+                f"contradicts {insecureKey} (the same field under its design-document name)",
+            )
+        insecureKey, insecure = f.at("insecureSkipTLSVerify"), legacy
+    if ca is None:
+        return TLSSettings(insecureSkipVerify=bool(insecure))
+    if insecure:
+        raise Invalid(
+            f.at(caKey),
+            f"set together with {insecureKey}: true; choose one (verify with the CA bundle, or do not verify)",
+        )
+    try:
+        pem = pemFromBase64(ca)
+    except ValueError as e:
+        raise Invalid(f.at(caKey), f"not a usable CA bundle: {e}") from None
+    return TLSSettings(caBundle=pem)
+
+
+def _parseURL(ctx: Context, field: str, value: str, *, keepQuery: bool) -> Tuple[str, str, int, str]:
+    if _UNSAFE_IN_PATH.search(value.replace("?", "").replace("#", "")):
+        raise Invalid(field, f"{value!r} must not contain whitespace or control characters")
+    try:
+        parts = urlsplit(value)
+        port = parts.port
+    except ValueError as e:
+        raise Invalid(field, f"{value!r} is not a valid URL ({e})") from None
+    scheme = parts.scheme.lower()
+    if scheme not in ("http", "https"):
+        hint = " (missing 'http://' or 'https://'?)" if "://" not in value else ""
+        raise Invalid(field, f"{value!r}: the scheme must be http or https{hint}")
+    if parts.username is not None or parts.password is not None:
+        raise Invalid(field, "user credentials in the URL are not supported")
+    host = parts.hostname or ""
+    if not host:
+        raise Invalid(field, f"{value!r} has no host")
+    _checkHost(field, host)
+    if port is None:
+        port = 443 if scheme == "https" else 80
+    elif port == 0:
+        raise Invalid(field, f"{value!r}: port 0 is not a valid port")
+    path = parts.path
+    if parts.query:
+        if keepQuery:
+            path = f"{path or '/'}?{parts.query}"
+        else:
+            ctx.warn(field, f"the query string {parts.query!r} is not used; ignored")
+    if parts.fragment:
+        ctx.warn(field, f"the fragment {parts.fragment!r} is never sent; ignored")
+    return scheme, host, port, path
+
+
+def _checkHost(field: str, host: str) -> None:
+    if ":" in host:
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise Invalid(field, f"{host!r} is not a valid IPv6 address") from None
+    elif not _HOSTNAME.fullmatch(host) or len(host) > 253:
+        raise Invalid(field, f"{host!r} is not a valid host name")
+
+
+def _service(f: Fields) -> Tuple[str, str, int, str]:
+    s = f.mapping("service", _SERVICE_KEYS, required=True)
+    assert s is not None
+    namespace = s.string("namespace", required=True)
+    name = s.string("name", required=True)
+    assert namespace is not None and name is not None
+    checkDNSLabel(s.at("namespace"), namespace, "a valid namespace (a DNS label)")
+    checkDNSLabel(s.at("name"), name, "a valid Service name (a DNS label)")
+    scheme = (s.string("scheme") or "https").lower()
+    if scheme not in ("http", "https"):
+        raise Invalid(s.at("scheme"), f"{scheme!r} must be http or https")
+    port = s.integer("port", low=1, high=65535)
+    if port is None:
+        port = 443 if scheme == "https" else 80
+    path = s.string("path") or ""
+    if path and (not path.startswith("/") or _UNSAFE_IN_PATH.search(path)):
+        raise Invalid(
+            s.at("path"), f"{path!r} must be an absolute path (start with '/', no spaces, '?' or '#')"
+        )
+    return scheme, f"{name}.{namespace}.svc", port, path
+
+
+def _unusedPathWarning(ctx: Context, field: str, endpoint: Endpoint, why: str) -> None:
+    if endpoint.path not in ("", "/"):
+        ctx.warn(field, f"the upstream path {endpoint.path!r} is not used: {why}")
+
+
+# -- health checks ------------------------------------------------------------------------------------------
+
+
+def _duration(h: Fields, key: str, default: float) -> float:
+    value = h.get(key)
+    if value is None:
+        return default
+    try:
+        seconds = parseDuration(value)
+    except ValueError as e:
+        raise Invalid(h.at(key), str(e)) from None
+    if seconds <= 0:
+        raise Invalid(h.at(key), f"{value!r} must be longer than zero")
+    return seconds
+
+
+def _healthCheck(ctx: Context, h: Optional[Fields]) -> Optional[HealthCheck]:
+    """SPEC 4.4.  The target defaults to "/" (the upstream's root)."""
+    if h is None:
+        return None
+    target = h.string("url") or "/"
+    if not target.startswith("/"):
+        _parseURL(ctx, h.at("url"), target, keepQuery=True)
+    elif _UNSAFE_IN_PATH.search(target.replace("?", "")):
+        raise Invalid(h.at("url"), f"{target!r} must not contain whitespace, control characters or '#'")
+    interval = _duration(h, "interval", 10.0)
+    timeout = _duration(h, "timeout", 5.0)
+    if timeout > interval:
+        if h.has("timeout"):
+            ctx.warn(h.at("timeout"), f"{timeout:g}s is longer than the interval {interval:g}s; capped to it")
+        timeout = interval
+    status = h.integer("status", low=100, high=599)
+    rise = h.integer("rise", low=1, high=100)
+    fall = h.integer("fall", low=1, high=100)
+    return HealthCheck(
+        target=target,
+        interval=interval,
+        timeout=timeout,
+        status=200 if status is None else status,
+        rise=1 if rise is None else rise,
+        fall=3 if fall is None else fall,
+    )
+
+
+# -- APIService ---------------------------------------------------------------------------------------------
+
+
+def _apiService(ctx: Context, top: Fields, meta: ObjectMeta, state: Optional[str]) -> APIService:
+    spec = top.mapping("spec", _APISERVICE_KEYS, required=True)
+    assert spec is not None
+    group = spec.string("group", required=True)
+    version = spec.string("version", required=True)
+    assert group is not None and version is not None
+    checkDNSSubdomain(spec.at("group"), group, "a valid API group (a DNS subdomain)")
+    checkDNSLabel(spec.at("version"), version, "a valid API version (a DNS label)")
+    urls = []
+    for where, url in spec.strings("nonResourceURLs"):
+        if not url.startswith("/") or _UNSAFE_IN_PATH.search(url):
+            raise Invalid(where, f"{url!r} must be an absolute path (start with '/', no spaces, '?' or '#')")
+        if "*" in url[:-1]:
+            raise Invalid(where, f"{url!r}: '*' is allowed only as the last character (a prefix match)")
+        urls.append(url)
+    endpoint = _endpoint(ctx, spec, urlAliases=("endpoint",))
+    assert endpoint is not None
+    _unusedPathWarning(ctx, spec.path, endpoint, "APIService requests are forwarded with their own path")
+    healthCheck = _healthCheck(ctx, spec.mapping("healthCheck", _HEALTH_KEYS))
+    return APIService(
+        meta=meta,
+        group=group,
+        version=version,
+        endpoint=endpoint,
+        nonResourceURLs=tuple(urls),
+        healthCheck=healthCheck,
+        state=state,
+    )
+
+
+# -- ReverseProxy -------------------------------------------------------------------------------------------
+
+
+def _reverseProxy(ctx: Context, top: Fields, meta: ObjectMeta, state: Optional[str]) -> ReverseProxy:
+    spec = top.mapping("spec", _PROXY_KEYS, _PROXY_IGNORED, required=True)
+    assert spec is not None
+    matchers = _matchers(ctx, spec)
+    upstream = spec.mapping("upstream", _UPSTREAM_KEYS, required=True)
+    assert upstream is not None
+    endpoint = _endpoint(ctx, upstream, urlAliases=("backend",), caAliases=("caBudle",))
+    assert endpoint is not None
+    prepend = bool(upstream.boolean("prependPath"))
+    if not prepend:
+        _unusedPathWarning(
+            ctx,
+            upstream.path,
+            endpoint,
+            f"the request path is forwarded as is; set {upstream.at('prependPath')}: true to put it in front",
+        )
+    checks = [
+        (where.path, where.mapping("healthCheck", _HEALTH_KEYS))
+        for where in (upstream, spec)
+        if where.has("healthCheck")
+    ]
+    if len(checks) > 1:
+        raise Invalid(spec.at("healthCheck"), f"also set as {upstream.at('healthCheck')}; set only one")
+    healthCheck = _healthCheck(ctx, checks[0][1]) if checks else None
+    return ReverseProxy(
+        meta=meta,
+        matchers=matchers,
+        upstream=endpoint,
+        directives=_directives(ctx, spec),
+        healthCheck=healthCheck,
+        upstreamPathPrefix=prepend,
+        state=state,
+    )
+
+
+def _matchers(ctx: Context, spec: Fields) -> Tuple[Matcher, ...]:
+    """Design shape (a list of {path, method}) or 4.x shape (one mapping)."""
+    from ksproxy.paths import compilePattern
+
+    value = spec.get("matcher")
+    if value is None:
+        raise Invalid(spec.at("matcher"), "required field is missing")
+    if isinstance(value, Mapping):
+        items = [(spec.at("matcher"), value)]
+    elif isinstance(value, (list, tuple)):
+        if not value:
+            raise Invalid(spec.at("matcher"), "must hold at least one {path, method}")
+        items = [(f"{spec.at('matcher')}[{i}]", item) for i, item in enumerate(value)]
+    else:
+        raise Invalid(
+            spec.at("matcher"), f"must be an object {{path, method}} or a list of them, not {typeName(value)}"
+        )
+    out: List[Matcher] = []
+    for where, item in items:
+        m = Fields(ctx, item, where, ("path", "method"), parent=spec)
+        path = m.string("path", required=True)
+        assert path is not None
+        if not path.startswith("/"):
+            raise Invalid(m.at("path"), f"{path!r} must start with '/'")
+        try:
+            compilePattern(path)
+        except ValueError as e:
+            raise Invalid(m.at("path"), str(e)) from None
+        method = (m.string("method") or "*").upper()
+        if method != "*" and not isToken(method):
+            raise Invalid(m.at("method"), f"{method!r} is not an HTTP method (a token) or '*'")
+        matcher = Matcher(path=path, method=method)
+        if matcher in out:
+            ctx.warn(where, f"duplicate of an earlier matcher ({method} {path})")
+            continue
+        out.append(matcher)
+    return tuple(out)
+
+
+def _compileAll(rules: Tuple[Tuple[str, str], ...], compile: Callable[[str], _T]) -> Tuple[_T, ...]:
+    out = []
+    for where, text in rules:
+        try:
+            out.append(compile(text))
+        except ValueError as e:
+            raise Invalid(where, str(e)) from None
+    return tuple(out)
+
+
+def _directives(ctx: Context, spec: Fields) -> Directives:
+    """4.x C{spec.directives}, plus the design shape's C{spec.rewrite} and C{spec.header} (those first)."""
+    from ksproxy.directives import (
+        compileHeaderRule,
+        compileRegexpRule,
+        compileReplaceRule,
+        compileRewriteRule,
+    )
+
+    d = spec.mapping("directives", _DIRECTIVE_KEYS, _DIRECTIVE_IGNORED)
+    header = spec.mapping("header", ("up", "down"))
+    designUp = header.strings("up") if header else ()
+    designDown = header.strings("down") if header else ()
+    designRewrite = spec.strings("rewrite")
+    if d is None:
+        d = Fields(ctx, {}, spec.at("directives"), ())
+    method = d.string("method") or None
+    if method is not None:
+        method = method.upper()
+        if not isToken(method):
+            raise Invalid(d.at("method"), f"{method!r} is not an HTTP method (a token)")
+    stripPrefix = d.string("stripPathPrefix") or None
+    if stripPrefix is not None and (not stripPrefix.startswith("/") or _UNSAFE_IN_PATH.search(stripPrefix)):
+        raise Invalid(
+            d.at("stripPathPrefix"), f"{stripPrefix!r} must be a path starting with '/' (no spaces, '?', '#')"
+        )
+    stripSuffix = d.string("stripPathSuffix") or None
+    if stripSuffix is not None and _UNSAFE_IN_PATH.search(stripSuffix):
+        raise Invalid(d.at("stripPathSuffix"), f"{stripSuffix!r} must not contain spaces, '?' or '#'")
+    replaceKey, _ = _oneOf(d, ("replace", "uriSubstring"), lambda f, k: f.list(k) or None)
+    return Directives(
+        method=method,
+        stripPathPrefix=stripPrefix,
+        stripPathSuffix=stripSuffix,
+        headerUp=_compileAll(designUp + d.strings("headerUp"), compileHeaderRule),
+        headerDown=_compileAll(designDown + d.strings("headerDown"), compileHeaderRule),
+        rewrite=_compileAll(designRewrite + d.strings("rewrite"), compileRewriteRule),
+        replace=_compileAll(d.strings(replaceKey), compileReplaceRule),
+        pathRegexp=_compileAll(d.strings("pathRegexp"), compileRegexpRule),
+        authProxy=bool(d.boolean("authProxy")),
+    )
+
+
+# -- JSBundle -----------------------------------------------------------------------------------------------
+
+
+def _jsBundle(
+    ctx: Context, top: Fields, meta: ObjectMeta, state: Optional[str], statusLink: Optional[str]
+) -> JSBundle:
+    spec = top.mapping("spec", _BUNDLE_KEYS, required=True)
+    assert spec is not None
+    extension = meta.labels.get(LABEL_EXTENSION_REF) or meta.name
+    extensionField = (
+        f"metadata.labels.{LABEL_EXTENSION_REF}" if meta.labels.get(LABEL_EXTENSION_REF) else "metadata.name"
+    )
+    filename = spec.string("filenameOverride") or None
+    if filename is not None:
+        _checkRelativeFile(spec.at("filenameOverride"), filename)
+
+    sources: List[Tuple[str, BundleSource]] = []
+    raw = _readBundle(spec, "raw")
+    if raw is not None:
+        try:
+            data, twice = scriptFromBase64(raw)
+        except ValueError as e:
+            raise Invalid(spec.at("raw"), str(e)) from None
+        if twice:
+            ctx.note(spec.at("raw"), "double base64 encoding detected; decoded twice")
+        sources.append((spec.at("raw"), RawSource(data=data)))
+    rawFrom = spec.mapping("rawFrom", _RAWFROM_KEYS)
+    if rawFrom is not None:
+        for key, cls in (("configMapKeyRef", ConfigMapSource), ("secretKeyRef", SecretSource)):
+            ref = rawFrom.mapping(key, _KEYREF_KEYS, _KEYREF_IGNORED)
+            if ref is not None:
+                sources.append((rawFrom.at(key), cls(**_keyRef(ref))))
+        endpoint = _endpoint(ctx, rawFrom, required=False, keepQuery=True)
+        if endpoint is not None:
+            which = "url" if rawFrom.has("url") else "service"
+            sources.append((rawFrom.at(which), EndpointSource(endpoint=endpoint)))
+    if not sources:
+        raise Invalid(
+            "spec",
+            "no bundle source: set spec.raw, or spec.rawFrom with configMapKeyRef, secretKeyRef, url or service",
+        )
+    if len(sources) > 1:
+        ctx.warn(
+            "spec",
+            f"several sources are set ({', '.join(w for w, _ in sources)}); {sources[0][0]} is used,"
+            " as KubeSphere does",
+        )
+
+    if statusLink is not None:
+        link, defaulted = _checkLink("status.link", statusLink), False
+    else:
+        link, defaulted = f"/dist/{extension}/{filename or 'index.js'}", True
+        _checkLink(extensionField, link)
+    assets = _assets(ctx, spec, extension, link)
+    return JSBundle(
+        meta=meta, source=sources[0][1], link=link, linkDefaulted=defaulted, assets=assets, state=state
+    )
+
+
+def _keyRef(ref: Fields) -> Mapping[str, str]:
+    name = ref.string("name", required=True)
+    key = ref.string("key", required=True)
+    namespace = ref.string("namespace", required=True)
+    assert name is not None and key is not None and namespace is not None
+    checkDNSSubdomain(ref.at("name"), name, "a valid object name (a DNS subdomain)")
+    checkDNSLabel(ref.at("namespace"), namespace, "a valid namespace (a DNS label)")
+    if len(key) > 253 or not _CONFIG_KEY.fullmatch(key):
+        raise Invalid(ref.at("key"), f"{key!r} is not a valid key (letters, digits, '-', '_', '.')")
+    return {"namespace": namespace, "name": name, "key": key}
+
+
+def _checkRelativeFile(field: str, name: str) -> None:
+    segments = name.split("/")
+    if name.startswith("/") or _UNSAFE_IN_PATH.search(name) or any(s in ("", ".", "..") for s in segments):
+        raise Invalid(
+            field, f"{name!r} must be a relative file path (no leading '/', no '.' or '..', no spaces)"
+        )
+
+
+def _checkLink(field: str, link: str) -> str:
+    if not link.startswith("/"):
+        raise Invalid(field, f"{link!r} must be an absolute path (start with '/')")
+    if _UNSAFE_IN_PATH.search(link):
+        raise Invalid(field, f"{link!r} must not contain whitespace, control characters, '?' or '#'")
+    if any(s in (".", "..") for s in link.split("/")):
+        raise Invalid(field, f"{link!r} must not contain '.' or '..' segments")
+    return link
+
+
+def _assets(ctx: Context, spec: Fields, extension: str, mainLink: str) -> Tuple[Asset, ...]:
+    """SPEC 1.4 C{assets}: a style sheet and extra files, each fetched from an Endpoint."""
+    assets = spec.mapping("assets", ("style", "files"))
+    if assets is None:
+        return ()
+    seen = {mainLink: "the bundle's link"}
+    out: List[Asset] = []
+
+    def add(f: Fields, link: str, mimeType: Optional[str]) -> None:
+        _checkLink(f.at("link"), link)
+        if link in seen:
+            raise Invalid(f.at("link"), f"{link!r} is already used by {seen[link]}")
+        if mimeType is not None and not _MIME.fullmatch(mimeType):
+            raise Invalid(f.at("mimeType"), f"{mimeType!r} is not a media type (type/subtype)")
+        endpoint = _endpoint(ctx, f, keepQuery=True)
+        assert endpoint is not None
+        seen[link] = f.path
+        out.append(Asset(link=link, source=EndpointSource(endpoint=endpoint), mimeType=mimeType))
+
+    style = assets.mapping("style", ("link", "mimeType") + _ENDPOINT_KEYS)
+    if style is not None:
+        add(
+            style,
+            style.string("link") or f"/dist/{extension}/style.css",
+            style.string("mimeType") or "text/css",
+        )
+    for index, item in enumerate(assets.list("files") or []):
+        f = Fields(
+            ctx,
+            item,
+            f"{assets.at('files')}[{index}]",
+            ("name", "link", "mimeType") + _ENDPOINT_KEYS,
+            parent=assets,
+        )
+        name = f.string("name") or None
+        link = f.string("link") or None
+        if name is not None:
+            _checkRelativeFile(f.at("name"), name)
+        elif link is None:
+            raise Invalid(f.path, "needs a name (served at /dist/<extension>/<name>) or a link")
+        add(f, link or f"/dist/{extension}/{name}", f.string("mimeType") or None)
+    return tuple(out)

@@ -1,0 +1,313 @@
+"""
+C{twistd ksproxy}: options and the service tree.  The only place where things are wired together.
+
+    twistd -n ksproxy run --listen tcp:8080 --source dir:examples
+    twistd -n ksproxy run --listen tcp:8080 --listen ssl:8443:privateKey=k.pem:certKey=c.pem \\
+        --admin-listen tcp:9090:interface=127.0.0.1 --source kubernetes
+    twistd ksproxy check examples/
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Optional
+
+from twisted.application import service, strports
+from twisted.internet import defer, task
+from twisted.logger import Logger
+from twisted.python import usage
+
+from .accesslog import AccessLog
+from .auth import AuthOptionsMixin, buildGate
+from .bundles import BundleFetcher
+from .fetch import OutOfBandClient
+from .health import HealthRegistry, checksOf, httpProbe
+from .http.server import HTTPServerFactory, ServerLimits
+from .http.upstream import UpstreamPool
+from .model.types import Endpoint, JSBundle
+from .proxy.dispatch import Gateway, ServedState
+from .proxy.forward import Timeouts
+from .reconcile import Reconciler
+from .routing import compileTable
+
+__all__ = ["Options", "RunOptions", "makeService"]
+
+log = Logger()
+
+
+def _seconds(value: str) -> float:
+    from .model.parse import parseDuration
+
+    try:
+        return parseDuration(value)
+    except ValueError as e:
+        raise usage.UsageError(str(e)) from None
+
+
+class RunOptions(AuthOptionsMixin, usage.Options):
+    synopsis = "[options]"
+    longdesc = "Serve the APIService, JSBundle and ReverseProxy resources of a source."
+
+    optParameters = [
+        ["source", "s", None, "Where resources come from: dir:PATH, or kubernetes[:KUBECONFIG]."],
+        ["admin-listen", None, "tcp:9090:interface=127.0.0.1", "Endpoint for /healthz, /readyz, /metrics, /debug."],
+        ["state-gate", None, None, "'kubesphere': serve only objects whose status.state is Available."],
+        ["default-upstream", None, None, "URL for unmatched /api and /apis requests (a kube-apiserver)."],
+        ["connect-timeout", None, "10s", "Upstream connect timeout."],
+        ["response-header-timeout", None, "60s", "Time allowed from request sent to response headers."],
+        ["idle-timeout", None, "15m", "Streaming responses: longest silence between bytes."],
+        ["tunnel-idle-timeout", None, "1h", "Upgraded connections (exec, WebSocket): longest silence."],
+        ["header-timeout", None, "30s", "Clients: time allowed to send the request headers."],
+        ["keepalive-timeout", None, "2m", "Clients: idle keep-alive connections are closed after this."],
+        ["drain-grace", None, "25s", "On SIGTERM: how long in-flight requests may take to finish."],
+        ["max-header-bytes", None, "65536", "Largest request header block (431 above)."],
+        ["max-url-bytes", None, "16384", "Longest request target (414 above)."],
+    ]
+    optFlags = [
+        ["manage-state", None, "Write status.state (Available/Unavailable); never overrides Disabled."],
+        ["no-access-log", None, "Do not log one line per request."],
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["listen"] = []
+        self["trusted-proxy"] = []
+
+    def opt_listen(self, endpoint: str) -> None:
+        """Proxy listener, a Twisted endpoint string (tcp:8080, ssl:8443:..., unix:/run/ksproxy.sock). Repeatable."""
+        self["listen"].append(endpoint)
+
+    def opt_trusted_proxy(self, cidr: str) -> None:
+        """Address or CIDR whose X-Forwarded-Proto/Host are kept. Repeatable."""
+        import ipaddress
+
+        try:
+            ipaddress.ip_network(cidr, strict=False)
+        except ValueError as e:
+            raise usage.UsageError(f"--trusted-proxy {cidr}: {e}") from None
+        self["trusted-proxy"].append(cidr)
+
+    def postOptions(self) -> None:
+        if not self["listen"]:
+            self["listen"] = ["tcp:8080"]
+        source = self["source"]
+        if not source:
+            raise usage.UsageError("--source is required: dir:PATH or kubernetes[:KUBECONFIG]")
+        if not (source.startswith("dir:") or source == "kubernetes" or source.startswith("kubernetes:")):
+            raise usage.UsageError(f"--source {source}: expected dir:PATH or kubernetes[:KUBECONFIG]")
+        if self["state-gate"] not in (None, "kubesphere"):
+            raise usage.UsageError("--state-gate takes only 'kubesphere'")
+        for name in (
+            "connect-timeout",
+            "response-header-timeout",
+            "idle-timeout",
+            "tunnel-idle-timeout",
+            "header-timeout",
+            "keepalive-timeout",
+            "drain-grace",
+        ):
+            self[name] = _seconds(self[name])
+        for name in ("max-header-bytes", "max-url-bytes"):
+            try:
+                self[name] = int(self[name])
+            except ValueError:
+                raise usage.UsageError(f"--{name} must be a whole number of bytes") from None
+        if self["default-upstream"]:
+            try:
+                self["default-upstream"] = endpointFromURL(self["default-upstream"])
+            except ValueError as e:
+                raise usage.UsageError(f"--default-upstream: {e}") from None
+        super().postOptions()
+
+
+class _PathOptions(usage.Options):
+    def parseArgs(self, path: str) -> None:
+        self["path"] = path
+
+
+class CheckOptions(_PathOptions):
+    synopsis = "PATH"
+    longdesc = "Validate manifests offline; exit non-zero on any rejection, conflict or syntax error."
+
+
+class RoutesOptions(_PathOptions):
+    synopsis = "PATH"
+    longdesc = "Print the compiled route table of the manifests under PATH."
+
+
+class Options(usage.Options):
+    synopsis = "run|check|routes [options]"
+    subCommands = [
+        ["run", None, RunOptions, "Run the gateway."],
+        ["check", None, CheckOptions, "Validate manifests."],
+        ["routes", None, RoutesOptions, "Print the compiled routes."],
+    ]
+
+    def postOptions(self) -> None:
+        if self.subCommand is None:
+            raise usage.UsageError("choose a subcommand: run, check or routes")
+
+
+class ProxyListeners(service.MultiService):
+    """
+    The proxy listeners, stopped gracefully: stop accepting, let in-flight requests finish for up to C{grace}
+    seconds, then cut what is left (SPEC 10).
+    """
+
+    def __init__(self, factory: HTTPServerFactory, clock, grace: float) -> None:
+        super().__init__()
+        self.factory = factory
+        self.clock = clock
+        self.grace = grace
+
+    @defer.inlineCallbacks
+    def stopService(self):  # type: ignore[no-untyped-def]
+        yield super().stopService()  # closes the listening ports
+        factory = self.factory
+        factory.drain()
+        deadline = self.clock.seconds() + self.grace
+        while factory.connections and self.clock.seconds() < deadline:
+            yield task.deferLater(self.clock, 0.05, lambda: None)
+        left = list(factory.connections)
+        if left:
+            log.warn("drain grace over: closing {n} connections still busy", n=len(left))
+            for proto in left:
+                proto.transport.abortConnection()
+
+
+class _Cleanup(service.Service):
+    """At the very end of a stop: health checkers, bundle fetches and idle upstream connections."""
+
+    def __init__(self, pool: UpstreamPool, health: HealthRegistry, fetcher: BundleFetcher, client: OutOfBandClient):
+        self.pool = pool
+        self.health = health
+        self.fetcher = fetcher
+        self.client = client
+
+    def stopService(self) -> defer.Deferred[None]:
+        super().stopService()
+        self.health.stopAll()
+        self.fetcher.stop()
+        self.pool.closeIdle()
+        return self.client.close()
+
+
+def makeService(options: usage.Options, reactor=None) -> service.IService:
+    if reactor is None:
+        from twisted.internet import reactor  # type: ignore[no-redef]
+    if options.subCommand in ("check", "routes"):
+        from .cli import check, routes
+
+        command = check if options.subCommand == "check" else routes
+        raise SystemExit(command(options.subOptions["path"], sys.stdout))
+    return makeRunService(options.subOptions, reactor)
+
+
+def makeRunService(config: RunOptions, reactor) -> service.MultiService:
+    """Build the service tree for C{run}: source, reconciler, listeners, admin."""
+    from .admin import adminSite
+
+    top = service.MultiService()
+    pool = UpstreamPool(reactor, connectTimeout=config["connect-timeout"])
+    outOfBand = OutOfBandClient(reactor)
+    health = HealthRegistry(reactor, httpProbe(outOfBand))
+    fetcher = BundleFetcher(reactor, outOfBand.fetchBytes)
+    # Stopped last (MultiService stops children in reverse): timers and idle connections go after the drain.
+    _Cleanup(pool, health, fetcher, outOfBand).setServiceParent(top)
+    timeouts = Timeouts(
+        connect=config["connect-timeout"],
+        responseHeader=config["response-header-timeout"],
+        idle=config["idle-timeout"],
+        tunnelIdle=config["tunnel-idle-timeout"],
+    )
+    empty = compileTable((), generation=0).table
+    gateway = Gateway(
+        reactor,
+        ServedState(empty, {}, 0, False),
+        pool,
+        timeouts=timeouts,
+        health=health,
+        fetchedBundle=fetcher.get,
+        gate=buildGate(config, reactor),
+        defaultUpstream=config["default-upstream"] or None,
+        trustedProxies=config["trusted-proxy"],
+    )
+    reconciler = Reconciler(reactor, gateway, stateGate=config["state-gate"])
+    reconciler.observers.append(lambda report: pool.prune(_liveKeys(report)))
+    reconciler.observers.append(lambda report: health.reconcile(checksOf(report.snapshot.resources)))
+    reconciler.observers.append(
+        lambda report: fetcher.reconcile([r for r in report.snapshot.resources if isinstance(r, JSBundle)])
+    )
+
+    source = _makeSource(config["source"], reconciler, reactor)
+    source.setServiceParent(top)
+    _whenSynced(source, reconciler)
+
+    limits = ServerLimits(
+        maxUrlBytes=config["max-url-bytes"],
+        maxHeaderBytes=config["max-header-bytes"],
+        headerTimeout=config["header-timeout"],
+        keepAliveTimeout=config["keepalive-timeout"],
+    )
+    factory = HTTPServerFactory(gateway, reactor, limits, AccessLog(reactor, enabled=not config["no-access-log"]))
+    listeners = ProxyListeners(factory, reactor, config["drain-grace"])
+    for endpoint in config["listen"]:
+        strports.service(endpoint, factory, reactor=reactor).setServiceParent(listeners)
+    listeners.setServiceParent(top)
+    if config["admin-listen"] and config["admin-listen"] != "none":
+        strports.service(config["admin-listen"], adminSite(reconciler, gateway, pool), reactor=reactor).setServiceParent(
+            top
+        )
+    # For tests and embedding: the parts, by name.
+    top.gateway = gateway  # type: ignore[attr-defined]
+    top.reconciler = reconciler  # type: ignore[attr-defined]
+    top.pool = pool  # type: ignore[attr-defined]
+    top.factory = factory  # type: ignore[attr-defined]
+    top.source = source  # type: ignore[attr-defined]
+    return top
+
+
+def _makeSource(spec: str, reconciler: Reconciler, reactor) -> service.Service:
+    if spec.startswith("dir:"):
+        from .sources.files import FileSource
+
+        return FileSource(spec[len("dir:") :], reconciler.inventory, reactor)
+    from .sources.kube import KubeSource
+
+    kubeconfig: Optional[str] = spec[len("kubernetes:") :] if spec.startswith("kubernetes:") else None
+    return KubeSource(reconciler.inventory, reactor, kubeconfig=kubeconfig or None)
+
+
+def _whenSynced(source: service.Service, reconciler: Reconciler) -> None:
+    """Ready once the source's first complete snapshot is in (the Deferred exists once the source is built)."""
+    synced = getattr(source, "synced", None)
+    if synced is None:
+        reconciler.markReady()
+    else:
+        synced.addCallback(reconciler.markReady)
+
+
+def _liveKeys(report) -> set[tuple]:  # type: ignore[no-untyped-def]
+    from .model.types import APIService, ReverseProxy
+
+    keys = set()
+    for resource in report.snapshot.resources:
+        if isinstance(resource, ReverseProxy):
+            keys.add(resource.upstream.key)
+        elif isinstance(resource, APIService):
+            keys.add(resource.endpoint.key)
+    return keys
+
+
+def endpointFromURL(url: str) -> Endpoint:
+    """An http(s) URL as an L{Endpoint} with the system trust store (for --default-upstream)."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"{url!r} is not an http:// or https:// URL with a host")
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        raise ValueError(f"{url!r} has an invalid port") from None
+    return Endpoint(parts.scheme, parts.hostname, port, parts.path)

@@ -1,0 +1,184 @@
+"""
+ksproxy end to end on real sockets: built by the plugin's makeService over a manifest folder, with a recording
+upstream on 127.0.0.1; requests through each kind of resource.
+"""
+
+from __future__ import annotations
+
+import json
+
+from twisted.internet import defer, reactor
+from twisted.trial.unittest import TestCase
+
+from tests.integration.gateway import RunningGateway
+from tests.util import RecordingUpstream, httpRequest, listenUpstream, rawRequest
+
+MANIFESTS = """
+apiVersion: extensions.kubesphere.io/v1alpha1
+kind: APIService
+metadata: {{name: v1alpha1.demo.example.io}}
+spec:
+  group: demo.example.io
+  version: v1alpha1
+  url: http://127.0.0.1:{port}
+---
+apiVersion: extensions.kubesphere.io/v1alpha1
+kind: ReverseProxy
+metadata: {{name: app}}
+spec:
+  matcher: {{path: /proxy/app/*, method: '*'}}
+  upstream: {{url: 'http://127.0.0.1:{port}'}}
+  directives:
+    stripPathPrefix: /proxy/app
+    headerUp: ['X-Up: 1', '-Cookie']
+    headerDown: ['X-Down yes', '-X-Secret']
+---
+apiVersion: extensions.kubesphere.io/v1alpha1
+kind: ReverseProxy
+metadata: {{name: disabled}}
+spec:
+  matcher: {{path: /off/*, method: '*'}}
+  upstream: {{url: 'http://127.0.0.1:{port}'}}
+status: {{state: Disabled}}
+---
+apiVersion: extensions.kubesphere.io/v1alpha1
+kind: JSBundle
+metadata: {{name: inline}}
+spec:
+  raw: ZXhwb3J0IGRlZmF1bHQge307Cg==
+---
+apiVersion: extensions.kubesphere.io/v1alpha1
+kind: JSBundle
+metadata: {{name: fromcm}}
+spec:
+  rawFrom:
+    configMapKeyRef: {{namespace: ns, name: cm, key: index.js}}
+---
+apiVersion: v1
+kind: ConfigMap
+metadata: {{namespace: ns, name: cm}}
+data:
+  index.js: "console.log('cm');"
+"""
+
+
+class GatewayTests(TestCase):
+    @defer.inlineCallbacks
+    def setUp(self):  # type: ignore[no-untyped-def]
+        self.upstream = RecordingUpstream()
+        self.upstream.responseHeaders = {b"X-Secret": [b"s"], b"Set-Cookie": [b"a=1", b"b=2"]}
+        self.upPort, port = listenUpstream(reactor, self.upstream)
+        self.gw = RunningGateway({"all.yaml": MANIFESTS.format(port=port)})
+        self.upstreamPort = port
+        yield self.gw.start()
+
+    @defer.inlineCallbacks
+    def tearDown(self):  # type: ignore[no-untyped-def]
+        yield self.gw.stop()
+        yield self.upPort.stopListening()
+
+    @defer.inlineCallbacks
+    def test_apiServiceForwardsPathUnchangedWithIdentity(self):  # type: ignore[no-untyped-def]
+        status, _, _ = yield httpRequest(
+            self.gw.port, "GET", "/kapis/demo.example.io/v1alpha1/things/a%2Fb?x=1&x=2&y", {"X-Remote-User": "root"}
+        )
+        self.assertEqual(status, 200)
+        last = self.upstream.last
+        self.assertEqual(last.uri, b"/kapis/demo.example.io/v1alpha1/things/a%2Fb?x=1&x=2&y")
+        self.assertEqual(last.headerAll(b"x-remote-user"), [b"system:anonymous"])
+        self.assertEqual(last.header(b"x-forwarded-for"), b"127.0.0.1")
+        self.assertEqual(last.header(b"host"), b"127.0.0.1:%d" % self.upstreamPort)
+
+    @defer.inlineCallbacks
+    def test_reverseProxyDirectives(self):  # type: ignore[no-untyped-def]
+        status, headers, _ = yield httpRequest(
+            self.gw.port, "GET", "/proxy/app/%61b/x%2Fy;p?b=2&a=%2f&&c", {"Cookie": "k=v"}
+        )
+        self.assertEqual(status, 200)
+        last = self.upstream.last
+        self.assertEqual(last.uri, b"/%61b/x%2Fy;p?b=2&a=%2f&&c")
+        self.assertEqual(last.header(b"x-up"), b"1")
+        self.assertIsNone(last.header(b"cookie"))
+        names = [k.lower() for k, _ in headers]
+        self.assertIn("x-down", names)
+        self.assertNotIn("x-secret", names)
+        self.assertEqual([v for k, v in headers if k.lower() == "set-cookie"], ["a=1", "b=2"])
+
+    @defer.inlineCallbacks
+    def test_disabledIs503(self):  # type: ignore[no-untyped-def]
+        status, headers, body = yield httpRequest(self.gw.port, "GET", "/off/x")
+        self.assertEqual(status, 503)
+        self.assertEqual(json.loads(body)["kind"], "Status")
+        self.assertEqual(self.upstream.requests, [])
+
+    @defer.inlineCallbacks
+    def test_notFoundIsStatus(self):  # type: ignore[no-untyped-def]
+        status, headers, body = yield httpRequest(self.gw.port, "GET", "/nothing/here")
+        self.assertEqual(status, 404)
+        doc = json.loads(body)
+        self.assertEqual((doc["kind"], doc["code"], doc["reason"]), ("Status", 404, "NotFound"))
+
+    @defer.inlineCallbacks
+    def test_traversalCannotEscape(self):  # type: ignore[no-untyped-def]
+        data = yield rawRequest(self.gw.port, b"GET /proxy/app/../../etc HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        self.assertTrue(data.startswith(b"HTTP/1.1 400") or data.startswith(b"HTTP/1.1 404"), data[:100])
+        self.assertEqual(self.upstream.requests, [])
+
+    @defer.inlineCallbacks
+    def test_bundles(self):  # type: ignore[no-untyped-def]
+        status, headers, body = yield httpRequest(self.gw.port, "GET", "/dist/inline/index.js")
+        self.assertEqual((status, body), (200, b"export default {};\n"))
+        h = {k.lower(): v for k, v in headers}
+        self.assertTrue(h["content-type"].startswith("application/javascript"))
+        etag = h["etag"]
+        status, _, body = yield httpRequest(self.gw.port, "GET", "/dist/inline/index.js", {"If-None-Match": etag})
+        self.assertEqual((status, body), (304, b""))
+        status, _, body = yield httpRequest(self.gw.port, "GET", "/dist/fromcm/index.js")
+        self.assertEqual((status, body), (200, b"console.log('cm');"))
+        status, _, body = yield httpRequest(self.gw.port, "POST", "/dist/fromcm/index.js", body=b"x")
+        self.assertEqual(status, 405)
+
+    @defer.inlineCallbacks
+    def test_editWhileServing(self):  # type: ignore[no-untyped-def]
+        """A manifest edited while a client keeps sending requests: none fails, the new route appears."""
+        gen = self.gw.reconciler.generation
+        failures = []
+        stop = []
+
+        @defer.inlineCallbacks
+        def client():  # type: ignore[no-untyped-def]
+            count = 0
+            while not stop and count < 400:
+                status, _, _ = yield httpRequest(self.gw.port, "GET", "/proxy/app/x")
+                count += 1
+                if status != 200:
+                    failures.append(status)
+
+        running = client()
+        extra = (
+            "apiVersion: extensions.kubesphere.io/v1alpha1\nkind: ReverseProxy\nmetadata: {name: new}\n"
+            f"spec:\n  matcher: {{path: /new/*, method: GET}}\n  upstream: {{url: 'http://127.0.0.1:{self.upstreamPort}'}}\n"
+        )
+        self.gw.write("new.yaml", extra)
+        yield self.gw.waitForGeneration(gen + 1)
+        status, _, _ = yield httpRequest(self.gw.port, "GET", "/new/thing")
+        self.assertEqual(status, 200)
+        self.gw.write("all.yaml", MANIFESTS.format(port=self.upstreamPort).replace("X-Up: 1", "X-Up: 2"))
+        yield self.gw.waitForGeneration(gen + 2)
+        stop.append(True)
+        yield running
+        self.assertEqual(failures, [])
+        status, _, _ = yield httpRequest(self.gw.port, "GET", "/proxy/app/x")
+        self.assertEqual(self.upstream.last.header(b"x-up"), b"2")
+
+    @defer.inlineCallbacks
+    def test_readyAndDebug(self):  # type: ignore[no-untyped-def]
+        status, _, _ = yield httpRequest(self.gw.adminPort, "GET", "/readyz")
+        self.assertEqual(status, 200)
+        status, _, body = yield httpRequest(self.gw.adminPort, "GET", "/debug/routes")
+        doc = json.loads(body)
+        names = {(o["kind"], o["name"]) for o in doc["objects"]}
+        self.assertIn(("ReverseProxy", "app"), names)
+        status, _, body = yield httpRequest(self.gw.adminPort, "GET", "/debug/explain?method=GET&path=/proxy/app/x")
+        self.assertEqual(status, 200)
+        self.assertIn("app", body.decode())
