@@ -137,3 +137,30 @@ def _logReport(report: BuildReport) -> None:
         conflicts=len(report.compiled.conflicts),
         ms=report.seconds * 1000,
     )
+
+
+def statusInputs(report: BuildReport, health=None) -> list:  # type: ignore[no-untyped-def]
+    """What the status writer needs for every object of the last build (SPEC 8)."""
+    from .status_writer import StatusInput
+
+    conflicts: Dict[Tuple[str, str], str] = {}
+    for conflict in report.compiled.conflicts:
+        conflicts.setdefault((conflict.kind, conflict.name), conflict.message)
+    inputs = []
+    for (kind, name), record in report.snapshot.records.items():
+        current = record.current
+        upstream = getattr(current, "upstream", None) or getattr(current, "endpoint", None)
+        healthy = health.upstreamHealthy(upstream.key) if (health is not None and upstream is not None) else None
+        inputs.append(
+            StatusInput(
+                kind=kind,
+                raw=record.raw,
+                accepted=record.rejection,
+                conflict=conflicts.get((kind, name)),
+                refsError=report.refErrors.get(name) if kind == "JSBundle" else None,
+                programmed=current is not None and (kind, name) not in report.unservable,
+                upstreamHealthy=healthy,
+                defaultedLink=current.link if isinstance(current, JSBundle) and current.linkDefaulted else None,
+            )
+        )
+    return inputs

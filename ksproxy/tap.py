@@ -9,6 +9,7 @@ C{twistd ksproxy}: options and the service tree.  The only place where things ar
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Optional
 
@@ -25,9 +26,10 @@ from .health import HealthRegistry, checksOf, httpProbe
 from .http.server import HTTPServerFactory, ServerLimits
 from .http.upstream import UpstreamPool
 from .model.types import Endpoint, JSBundle
+from .proxy.defaultupstream import IN_CLUSTER, KubeAPICredentials, endpointWithCA, inClusterEndpoint
 from .proxy.dispatch import Gateway, ServedState
 from .proxy.forward import Timeouts
-from .reconcile import Reconciler
+from .reconcile import Reconciler, statusInputs
 from .routing import compileTable
 
 __all__ = ["Options", "RunOptions", "makeService"]
@@ -52,7 +54,10 @@ class RunOptions(AuthOptionsMixin, usage.Options):
         ["source", "s", None, "Where resources come from: dir:PATH, or kubernetes[:KUBECONFIG]."],
         ["admin-listen", None, "tcp:9090:interface=127.0.0.1", "Endpoint for /healthz, /readyz, /metrics, /debug."],
         ["state-gate", None, None, "'kubesphere': serve only objects whose status.state is Available."],
-        ["default-upstream", None, None, "URL for unmatched /api and /apis requests (a kube-apiserver)."],
+        ["default-upstream", None, None, "Unmatched /api and /apis requests go here: a kube-apiserver URL, or 'in-cluster'."],
+        ["default-upstream-ca", None, None, "PEM CA bundle file for --default-upstream."],
+        ["default-upstream-token-file", None, None, "Bearer token file ksproxy uses at --default-upstream."],
+        ["status-namespace", None, None, "Namespace of the status-writer Lease (default $POD_NAMESPACE, else ksproxy-system)."],
         ["connect-timeout", None, "10s", "Upstream connect timeout."],
         ["response-header-timeout", None, "60s", "Time allowed from request sent to response headers."],
         ["idle-timeout", None, "15m", "Streaming responses: longest silence between bytes."],
@@ -112,11 +117,25 @@ class RunOptions(AuthOptionsMixin, usage.Options):
                 self[name] = int(self[name])
             except ValueError:
                 raise usage.UsageError(f"--{name} must be a whole number of bytes") from None
+        if self["manage-state"] and self["state-gate"]:
+            raise usage.UsageError(
+                "--manage-state and --state-gate=kubesphere exclude each other: either ksproxy owns status.state or "
+                "KubeSphere's extension manager does"
+            )
+        if self["manage-state"] and not source.startswith("kubernetes"):
+            raise usage.UsageError("--manage-state needs --source kubernetes (the file source has no status to write)")
+        self["default-upstream-credentials"] = None
         if self["default-upstream"]:
             try:
-                self["default-upstream"] = endpointFromURL(self["default-upstream"])
-            except ValueError as e:
+                if self["default-upstream"] == IN_CLUSTER:
+                    endpoint, tokenFile = inClusterEndpoint()
+                else:
+                    endpoint = endpointWithCA(endpointFromURL(self["default-upstream"]), self["default-upstream-ca"])
+                    tokenFile = self["default-upstream-token-file"]
+            except (OSError, ValueError) as e:
                 raise usage.UsageError(f"--default-upstream: {e}") from None
+            self["default-upstream"] = endpoint
+            self["default-upstream-token-file"] = tokenFile
         super().postOptions()
 
 
@@ -228,8 +247,8 @@ def makeRunService(config: RunOptions, reactor) -> service.MultiService:
         timeouts=timeouts,
         health=health,
         fetchedBundle=fetcher.get,
-        gate=buildGate(config, reactor),
         defaultUpstream=config["default-upstream"] or None,
+        defaultUpstreamHeaders=KubeAPICredentials(reactor, config["default-upstream-token-file"]),
         trustedProxies=config["trusted-proxy"],
     )
     reconciler = Reconciler(reactor, gateway, stateGate=config["state-gate"])
@@ -242,6 +261,27 @@ def makeRunService(config: RunOptions, reactor) -> service.MultiService:
     source = _makeSource(config["source"], reconciler, reactor)
     source.setServiceParent(top)
     _whenSynced(source, reconciler)
+    apiClient = None
+    if config["source"].startswith("kubernetes"):
+        from kubernetes import client as kclient
+
+        from .status_writer import makeStatusService
+
+        apiClient = kclient.ApiClient(configuration=source.configuration)
+        statusService, writer = makeStatusService(
+            apiClient,
+            reactor,
+            namespace=config["status-namespace"] or os.environ.get("POD_NAMESPACE") or "ksproxy-system",
+            manageState=config["manage-state"],
+            stateGate=config["state-gate"] is not None,
+        )
+        statusService.setServiceParent(top)
+        reconciler.observers.append(lambda report: writer.update(statusInputs(report, health)))
+        health.listeners.append(
+            lambda checker: reconciler.report is not None and writer.update(statusInputs(reconciler.report, health))
+        )
+    # Authentication reviews (TokenReview, SubjectAccessReview) use the source's cluster credentials.
+    gateway.gate = buildGate(config, reactor, kubeApiClient=apiClient)
 
     limits = ServerLimits(
         maxUrlBytes=config["max-url-bytes"],

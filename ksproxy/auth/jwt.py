@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections import OrderedDict
 from typing import Any, FrozenSet, Iterable, List, Optional, Sequence, Tuple
 
 import attrs
@@ -196,6 +197,8 @@ class JWTAuthenticator:
     @param audiences: when set, C{aud} (a string or a list) must contain one of them.
     @param leeway: seconds of clock skew allowed on C{exp}, C{nbf} and C{iat}.
     @param requireExpiry: refuse tokens without C{exp} (the default: such a token would never expire).
+    @param verifiedCacheSize: how many tokens with a verified signature to remember (their claims are still
+        checked on every request).
     """
 
     def __init__(
@@ -211,6 +214,7 @@ class JWTAuthenticator:
         groupsPrefix: str = "",
         leeway: float = 30.0,
         requireExpiry: bool = True,
+        verifiedCacheSize: int = 4096,
     ) -> None:
         if not keys:
             raise KeyFileError("a JWT authenticator needs at least one key")
@@ -227,10 +231,28 @@ class JWTAuthenticator:
         self._requireExpiry = requireExpiry
         # One PyJWS per algorithm, each allowed exactly that algorithm.
         self._jws = {alg: pyjwt.PyJWS(algorithms=[alg]) for alg in self._algorithms}
+        # Signature checks dominate the cost of a request (RSA and EC above all): remember verified tokens.
+        self._verified: OrderedDict[str, dict] = OrderedDict()
+        self._verifiedMax = verifiedCacheSize
 
     def authenticate(self, token: str) -> AuthnResult:
         if token.count(".") != 2:
             return None
+        claims = self._verified.get(token)
+        if claims is None:
+            verified = self._verify(token)
+            if not isinstance(verified, dict):
+                return verified
+            claims = verified
+            # Only tokens whose signature checked out are remembered, so a flood of forged tokens cannot
+            # push out the real ones; claims (expiry above all) are checked on every use.
+            self._verified[token] = claims
+            if len(self._verified) > self._verifiedMax:
+                self._verified.popitem(last=False)
+        return self._checkClaims(claims)
+
+    def _verify(self, token: str) -> dict | AuthnResult:
+        """The claims of a token whose signature one of the keys verifies, or why not."""
         try:
             header = pyjwt.get_unverified_header(token)
         except pyjwt.PyJWTError:
@@ -263,7 +285,7 @@ class JWTAuthenticator:
             return Rejected("token payload is not JSON")
         if not isinstance(claims, dict):
             return Rejected("token payload is not a JSON object")
-        return self._checkClaims(claims)
+        return claims
 
     def _checkClaims(self, claims: dict) -> AuthnResult:
         now = self._clock.seconds()

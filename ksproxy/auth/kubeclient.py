@@ -37,20 +37,12 @@ class IKubeReviewClient(Interface):
 
 
 def apiClientFromConfig(kubeconfig: Optional[str] = None) -> Any:
-    """
-    A C{kubernetes.client.ApiClient}: from C{kubeconfig} when given, else the in-cluster service account,
-    else the default kubeconfig (C{$KUBECONFIG} or C{~/.kube/config}).
-    """
-    from kubernetes import client, config
+    """A C{kubernetes.client.ApiClient} with the credentials L{ksproxy.kubeclient.loadConfiguration} finds."""
+    from kubernetes import client
 
-    if kubeconfig:
-        return config.new_client_from_config(config_file=kubeconfig)
-    configuration = client.Configuration()
-    try:
-        config.load_incluster_config(client_configuration=configuration)
-    except config.ConfigException:
-        return config.new_client_from_config()
-    return client.ApiClient(configuration=configuration)
+    from ksproxy.kubeclient import loadConfiguration
+
+    return client.ApiClient(configuration=loadConfiguration(kubeconfig))
 
 
 @implementer(IKubeReviewClient)

@@ -90,6 +90,7 @@ class ObjectRecord:
     stale: bool
     warnings: Tuple[str, ...]
     notes: Tuple[str, ...] = ()  # debug-level parse notes (unknown fields and the like)
+    raw: Mapping[str, Any] = attrs.field(factory=dict, eq=False, repr=False)  # the latest input object
 
 
 @attrs.frozen(eq=False)
@@ -206,6 +207,7 @@ class _Entry:
     result: ParseResult
     lastGood: Optional[Resource]  # the newest accepted version (C{result.obj} when that was accepted)
     held: bool = False  # kept from an earlier load because its file failed to load
+    raw: Mapping[str, Any] = attrs.field(factory=dict, eq=False)  # the latest input, for status reporting
 
     def record(self, kind: str, name: str) -> ObjectRecord:
         current = self.lastGood
@@ -219,6 +221,7 @@ class _Entry:
             stale=stale,
             warnings=tuple(self.result.warnings),
             notes=tuple(self.result.notes),
+            raw=self.raw,
         )
 
 
@@ -242,9 +245,11 @@ def _refEntry(raw: Mapping[str, Any], origin: str, key: bytes) -> Tuple[Optional
     return (str(raw["kind"]), str(namespace), name), entry
 
 
-def _newEntry(origin: str, key: bytes, result: ParseResult, previous: Optional[_Entry]) -> _Entry:
+def _newEntry(
+    origin: str, key: bytes, result: ParseResult, previous: Optional[_Entry], raw: Mapping[str, Any]
+) -> _Entry:
     lastGood = result.obj if result.obj is not None else (previous.lastGood if previous else None)
-    return _Entry(origin, key, result, lastGood)
+    return _Entry(origin, key, result, lastGood, raw=raw)
 
 
 class Inventory:
@@ -336,7 +341,7 @@ class Inventory:
                     self._duplicate(result.kind, result.name, doc.origin, entries[objectKey].origin)
                 )
                 continue
-            entries[objectKey] = _newEntry(doc.origin, key, result, self._entries.get(objectKey))
+            entries[objectKey] = _newEntry(doc.origin, key, result, self._entries.get(objectKey), raw)
 
         for objectKey, entry in self._entries.items():
             if objectKey not in entries and held(entry.origin):
@@ -404,7 +409,7 @@ class Inventory:
                 self._changed()
             return
         hadSkip = self._skipped.pop(objectKey, None) is not None
-        entry = _newEntry(origin, key, result, self._entries.get(objectKey))
+        entry = _newEntry(origin, key, result, self._entries.get(objectKey), raw)
         if self._entries.get(objectKey) == entry:
             self._entries[objectKey] = entry  # remember the new cache key
             if hadSkip:
@@ -412,6 +417,33 @@ class Inventory:
             return
         self._entries[objectKey] = entry
         self._changed()
+
+    def replaceKind(self, kind: str, raws: Sequence[Mapping[str, Any]], origin: str = "kubernetes") -> None:
+        """
+        The complete list of one kind (a list or relist after a watch gap): upsert each object and forget the
+        ones of that kind that are not in it, deleted while nobody was watching.  One change notification.
+        """
+        notified: List[bool] = []
+        onChange, self._onChange = self._onChange, lambda: notified.append(True)
+        try:
+            present = set()
+            for raw in raws:
+                self.upsert(raw, origin)
+                meta = _meta(raw)
+                present.add((meta.get("namespace") or DEFAULT_NAMESPACE, meta.get("name")))
+            if kind in REF_KINDS:
+                for refKind, namespace, name in [k for k in self._refs if k[0] == kind]:
+                    if (namespace, name) not in present:
+                        self.delete(refKind, name, namespace)
+            else:
+                names = {name for _, name in present}
+                for entryKind, name in [k for k in self._entries if k[0] == kind]:
+                    if name not in names:
+                        self.delete(entryKind, name)
+        finally:
+            self._onChange = onChange
+        if notified:
+            self._onChange()
 
     def delete(self, kind: str, name: str, namespace: str = "") -> None:
         """Forget an object (its last good version too); C{namespace} only matters for ConfigMap/Secret."""

@@ -16,8 +16,9 @@ from ksproxy.tap import Options, makeService
 class RunningGateway:
     """Start with L{start}; C{port} and C{adminPort} are the bound loopback ports."""
 
-    def __init__(self, manifests: dict, extraArgs: Optional[List[str]] = None) -> None:
+    def __init__(self, manifests: dict, extraArgs: Optional[List[str]] = None, source: Optional[str] = None) -> None:
         self.dir = tempfile.mkdtemp(prefix="ksproxy-test-")
+        self.sourceSpec = source or "dir:" + self.dir
         for name, text in manifests.items():
             self.write(name, text)
         self.extraArgs = extraArgs or []
@@ -46,7 +47,7 @@ class RunningGateway:
                 "--admin-listen",
                 "tcp:0:interface=127.0.0.1",
                 "--source",
-                "dir:" + self.dir,
+                self.sourceSpec,
                 "--no-access-log",
                 *self.extraArgs,
             ]

@@ -327,3 +327,16 @@ class TestKeyFiles:
                 f.write(b"short\n")
             with pytest.raises(KeyFileError, match="at least 32"):
                 loadHMACSecretFile(path)
+
+
+def test_verified_tokens_remembered_forged_ones_not():
+    auth = authenticator([hmacKey(SECRET)], verifiedCacheSize=2)
+    tokens = [jwt.encode(claims(sub=f"u{i}"), SECRET, algorithm="HS256") for i in range(3)]
+    for t in tokens:
+        assert isinstance(auth.authenticate(t), Identity)
+    assert list(auth._verified) == tokens[1:]  # bounded, oldest out
+    auth.authenticate(jwt.encode(claims(), b"x" * 32, algorithm="HS256"))
+    assert list(auth._verified) == tokens[1:]
+    # A remembered token is still checked against the clock.
+    auth._clock.advance(601 + 30)
+    assert auth.authenticate(tokens[2]) == Rejected("token has expired")

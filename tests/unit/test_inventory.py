@@ -453,3 +453,43 @@ class WatchTests(InventoryTestsMixin, SynchronousTestCase):
         self.assertEqual(len(self.inventory.snapshot().records), 2)
         with self.assertRaises(TypeError):
             snap.records[("APIService", "c")] = None  # type: ignore[index]
+
+
+class ReplaceKindTests(SynchronousTestCase):
+    """A relist replaces one kind in one change, forgetting objects deleted during a watch gap."""
+
+    def _rp(self, name: str) -> dict:
+        return {
+            "apiVersion": "extensions.kubesphere.io/v1alpha1",
+            "kind": "ReverseProxy",
+            "metadata": {"name": name},
+            "spec": {"matcher": {"path": f"/{name}/*", "method": "*"}, "upstream": {"url": "http://u"}},
+        }
+
+    def test_relistForgetsMissingAndNotifiesOnce(self) -> None:
+        calls = []
+        inv = Inventory(onChange=lambda: calls.append(1))
+        inv.upsert(self._rp("a"))
+        inv.upsert(self._rp("b"))
+        inv.upsert({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"namespace": "n", "name": "cm"}, "data": {}})
+        calls.clear()
+        inv.replaceKind("ReverseProxy", [self._rp("b"), self._rp("c")])
+        self.assertEqual(calls, [1])
+        names = sorted(r.meta.name for r in inv.snapshot().resources)
+        self.assertEqual(names, ["b", "c"])
+        self.assertIn(("ConfigMap", "n", "cm"), inv.snapshot().refs)
+
+    def test_relistUnchangedIsSilent(self) -> None:
+        calls = []
+        inv = Inventory(onChange=lambda: calls.append(1))
+        inv.replaceKind("ReverseProxy", [self._rp("a")])
+        calls.clear()
+        inv.replaceKind("ReverseProxy", [self._rp("a")])
+        self.assertEqual(calls, [])
+
+    def test_relistRefs(self) -> None:
+        inv = Inventory(onChange=lambda: None)
+        cm = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"namespace": "n", "name": "cm"}, "data": {"k": "v"}}
+        inv.upsert(cm)
+        inv.replaceKind("ConfigMap", [])
+        self.assertNotIn(("ConfigMap", "n", "cm"), inv.snapshot().refs)
