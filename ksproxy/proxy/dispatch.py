@@ -114,6 +114,8 @@ class Gateway:
             return
         if decision.code != 200:
             extra = [(b"WWW-Authenticate", decision.wwwAuthenticate)] if decision.wwwAuthenticate else []
+            if decision.code == 503:
+                extra.append(_RETRY_AFTER)
             exchange.discardBody()
             exchange.sendError(decision.code, decision.message, extra)
             return
