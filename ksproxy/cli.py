@@ -66,6 +66,20 @@ def routes(path: str, out: TextIO) -> int:
     return 1 if _problems(report) else 0
 
 
+def _findPlugin() -> None:
+    """
+    Let twistd find our plugin from a source checkout too (an editable install puts ksproxy, not the
+    checkout's twisted/plugins folder, on the path).  twistd scans sys.path for twisted/plugins folders.
+    """
+    import os
+
+    import ksproxy
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(ksproxy.__file__)))
+    if os.path.exists(os.path.join(root, "twisted", "plugins", "ksproxy_plugin.py")) and root not in sys.path:
+        sys.path.append(root)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     usage = "usage: ksproxy check PATH | ksproxy routes PATH | ksproxy run [run options]\n"
@@ -79,6 +93,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             return 2
         return (check if command == "check" else routes)(rest[0], sys.stdout)
     if command == "run":
+        _findPlugin()
         from twisted.scripts.twistd import run
 
         sys.argv = ["twistd", "-n", "--pidfile=", "ksproxy", "run", *rest]

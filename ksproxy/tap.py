@@ -14,6 +14,7 @@ import sys
 from typing import Optional
 
 from twisted.application import service, strports
+from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import defer, task
 from twisted.logger import Logger
 from twisted.python import usage
@@ -31,6 +32,7 @@ from .proxy.dispatch import Gateway, ServedState
 from .proxy.forward import Timeouts
 from .reconcile import Reconciler, statusInputs
 from .routing import compileTable
+from .workers import LISTEN_FDS, Supervisor, bindListening, inheritedEndpoint, workerArgv
 
 __all__ = ["Options", "RunOptions", "makeService"]
 
@@ -67,6 +69,8 @@ class RunOptions(AuthOptionsMixin, usage.Options):
         ["drain-grace", None, "25s", "On SIGTERM: how long in-flight requests may take to finish."],
         ["max-header-bytes", None, "65536", "Largest request header block (431 above)."],
         ["max-url-bytes", None, "16384", "Longest request target (414 above)."],
+        ["workers", None, "1", "Worker processes sharing the tcp: listeners; 1 = this process serves."],
+        ["worker-index", None, None, "(internal) set by the supervisor on each worker process."],
     ]
     optFlags = [
         ["manage-state", None, "Write status.state (Available/Unavailable); never overrides Disabled."],
@@ -77,6 +81,11 @@ class RunOptions(AuthOptionsMixin, usage.Options):
         super().__init__()
         self["listen"] = []
         self["trusted-proxy"] = []
+
+    def parseOptions(self, options=None) -> None:  # type: ignore[no-untyped-def]
+        # Kept so that --workers can start workers with the same arguments.
+        self.argv = list(sys.argv[1:] if options is None else options)
+        super().parseOptions(options)
 
     def opt_listen(self, endpoint: str) -> None:
         """Proxy listener, a Twisted endpoint string (tcp:8080, ssl:8443:..., unix:/run/ksproxy.sock). Repeatable."""
@@ -112,11 +121,17 @@ class RunOptions(AuthOptionsMixin, usage.Options):
             "drain-grace",
         ):
             self[name] = _seconds(self[name])
-        for name in ("max-header-bytes", "max-url-bytes"):
+        for name in ("max-header-bytes", "max-url-bytes", "workers"):
             try:
                 self[name] = int(self[name])
             except ValueError:
                 raise usage.UsageError(f"--{name} must be a whole number of bytes") from None
+        if self["workers"] < 1:
+            raise usage.UsageError("--workers must be at least 1")
+        if self["workers"] > 1 or self["worker-index"] is not None:
+            for endpoint in self["listen"]:
+                if not endpoint.startswith("tcp:"):
+                    raise usage.UsageError(f"--workers supports tcp: listeners only, not {endpoint!r}")
         if self["manage-state"] and self["state-gate"]:
             raise usage.UsageError(
                 "--manage-state and --state-gate=kubesphere exclude each other: either ksproxy owns status.state or "
@@ -223,10 +238,21 @@ def makeService(options: usage.Options, reactor=None) -> service.IService:
 
 
 def makeRunService(config: RunOptions, reactor) -> service.MultiService:
-    """Build the service tree for C{run}: source, reconciler, listeners, admin."""
+    """Build the service tree for C{run}: source, reconciler, listeners, admin (or, with --workers, a supervisor)."""
     from .admin import adminSite
 
     top = service.MultiService()
+    workerIndex = config["worker-index"]
+    if config["workers"] > 1 and workerIndex is None:
+        # Grace for the workers: their own drain, plus a little to exit.
+        try:
+            listening = [bindListening(endpoint) for endpoint in config["listen"]]
+        except (OSError, ValueError) as e:
+            raise usage.UsageError(f"--listen: {e}") from None
+        Supervisor(
+            reactor, workerArgv(config.argv), config["workers"], config["drain-grace"] + 5, listening
+        ).setServiceParent(top)
+        return top
     pool = UpstreamPool(reactor, connectTimeout=config["connect-timeout"])
     outOfBand = OutOfBandClient(reactor)
     health = HealthRegistry(reactor, httpProbe(outOfBand))
@@ -291,10 +317,15 @@ def makeRunService(config: RunOptions, reactor) -> service.MultiService:
     )
     factory = HTTPServerFactory(gateway, reactor, limits, AccessLog(reactor, enabled=not config["no-access-log"]))
     listeners = ProxyListeners(factory, reactor, config["drain-grace"])
-    for endpoint in config["listen"]:
-        strports.service(endpoint, factory, reactor=reactor).setServiceParent(listeners)
+    if workerIndex is not None:
+        for fd in os.environ.get(LISTEN_FDS, "").split(","):
+            StreamServerEndpointService(inheritedEndpoint(reactor, int(fd)), factory).setServiceParent(listeners)
+    else:
+        for endpoint in config["listen"]:
+            strports.service(endpoint, factory, reactor=reactor).setServiceParent(listeners)
     listeners.setServiceParent(top)
-    if config["admin-listen"] and config["admin-listen"] != "none":
+    # With --workers only the first worker serves the admin endpoints (they share one port).
+    if config["admin-listen"] and config["admin-listen"] != "none" and workerIndex in (None, "0"):
         strports.service(config["admin-listen"], adminSite(reconciler, gateway, pool), reactor=reactor).setServiceParent(
             top
         )

@@ -1,0 +1,174 @@
+"""
+C{--workers N}: one ksproxy process per core.
+
+A Python process uses one core; a host has several.  The parent (L{Supervisor}) runs no gateway: it binds
+the listening sockets, starts N worker processes that inherit them, restarts one that dies (with a growing
+delay, so a worker that cannot start does not spin), and passes SIGTERM on when it stops, waiting for the
+workers' own graceful drain.  Each worker is a complete ksproxy with its own source and table, accepting
+from the shared sockets.  One accept queue per port (rather than one per worker with SO_REUSEPORT) means a
+worker that dies loses no connection waiting to be accepted: the others take it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sys
+from typing import Dict, List, Optional
+
+from twisted.application import service
+from twisted.internet import defer, protocol
+from twisted.internet.endpoints import AdoptedStreamServerEndpoint
+from twisted.logger import Logger
+
+__all__ = ["Supervisor", "bindListening", "inheritedEndpoint", "workerArgv", "LISTEN_FDS"]
+
+# The environment variable that tells a worker which descriptors hold its --listen sockets, in order.
+LISTEN_FDS = "KSPROXY_LISTEN_FDS"
+_FIRST_FD = 3
+
+log = Logger()
+
+
+def bindListening(description: str) -> socket.socket:
+    """Bind C{tcp:PORT[:interface=ADDR][:backlog=N]} for the workers to share; ValueError for anything else."""
+    parts = description.split(":")
+    if parts[0] != "tcp":
+        raise ValueError(f"--workers supports tcp: listeners only, not {description!r}")
+    args = [p for p in parts[1:] if "=" not in p]
+    kwargs = dict(p.split("=", 1) for p in parts[1:] if "=" in p)
+    port = int(kwargs.pop("port", args[0] if args else 0))
+    interface = kwargs.pop("interface", "")
+    backlog = int(kwargs.pop("backlog", 511))
+    if kwargs:
+        raise ValueError(f"unsupported tcp: options with --workers: {', '.join(kwargs)}")
+    family = socket.AF_INET6 if ":" in interface else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((interface or ("::" if family == socket.AF_INET6 else "0.0.0.0"), port))
+    sock.listen(backlog)
+    sock.setblocking(False)
+    return sock
+
+
+def inheritedEndpoint(reactor, fd: int) -> AdoptedStreamServerEndpoint:
+    """The endpoint for a listening socket inherited from the supervisor at descriptor C{fd}."""
+    probe = socket.socket(fileno=os.dup(fd))
+    family = probe.family
+    probe.close()
+    return AdoptedStreamServerEndpoint(reactor, fd, family)
+
+
+class _WorkerProcess(protocol.ProcessProtocol):
+    def __init__(self, supervisor: Supervisor, index: int) -> None:
+        self.supervisor = supervisor
+        self.index = index
+        self.ended: defer.Deferred = defer.Deferred()
+
+    def processEnded(self, reason) -> None:  # type: ignore[no-untyped-def]
+        self.ended.callback(reason.value)
+        self.supervisor._ended(self, reason.value)
+
+
+class Supervisor(service.Service):
+    """
+    Starts C{count} workers running C{argv} (with C{--worker-index i} appended), restarts any that exits
+    while the supervisor runs, and on stop sends SIGTERM and waits up to C{grace} seconds before SIGKILL.
+    """
+
+    def __init__(
+        self,
+        reactor,
+        argv: List[str],
+        count: int,
+        grace: float,
+        listening: List[socket.socket],
+        env: Optional[Dict[str, str]] = None,
+    ):
+        self.reactor = reactor
+        self.argv = argv
+        self.listening = listening
+        self.count = count
+        self.grace = grace
+        self.env = dict(os.environ if env is None else env)
+        self.workers: Dict[int, _WorkerProcess] = {}
+        self.transports: Dict[int, object] = {}
+        self.restarts = 0
+        self._delays: Dict[int, float] = {}
+        self._timers: Dict[int, object] = {}
+
+    def startService(self) -> None:
+        super().startService()
+        for index in range(self.count):
+            self._spawn(index)
+
+    def _spawn(self, index: int) -> None:
+        self._timers.pop(index, None)
+        proto = _WorkerProcess(self, index)
+        argv = [*self.argv, "--worker-index", str(index)]
+        fds = {0: 0, 1: 1, 2: 2}
+        for offset, sock in enumerate(self.listening):
+            fds[_FIRST_FD + offset] = sock.fileno()
+        inherited = ",".join(str(_FIRST_FD + i) for i in range(len(self.listening)))
+        env = dict(self.env, KSPROXY_WORKER=str(index), **{LISTEN_FDS: inherited})
+        self.transports[index] = self.reactor.spawnProcess(proto, argv[0], argv, env=env, childFDs=fds)
+        self.workers[index] = proto
+        log.info("started worker {index} (pid {pid})", index=index, pid=self.transports[index].pid)
+
+    def _ended(self, proto: _WorkerProcess, why: object) -> None:
+        index = proto.index
+        if self.workers.get(index) is not proto:
+            return
+        del self.workers[index]
+        self.transports.pop(index, None)
+        if not self.running:
+            return
+        delay = min(self._delays.get(index, 0.5) * 2, 30.0)
+        self._delays[index] = delay
+        self.restarts += 1
+        log.warn("worker {index} exited ({why}); restarting in {delay:g}s", index=index, why=why, delay=delay)
+        self._timers[index] = self.reactor.callLater(delay, self._spawn, index)
+
+    def signalAll(self, signum: int) -> None:
+        for transport in list(self.transports.values()):
+            try:
+                transport.signalProcess(signum)  # type: ignore[attr-defined]
+            except Exception:
+                pass  # already gone
+
+    def stopService(self) -> defer.Deferred:
+        super().stopService()
+        for timer in self._timers.values():
+            if timer.active():  # type: ignore[attr-defined]
+                timer.cancel()  # type: ignore[attr-defined]
+        self._timers.clear()
+        ended = [w.ended for w in self.workers.values()]
+        self.signalAll(signal.SIGTERM)
+        killer = self.reactor.callLater(self.grace, self.signalAll, signal.SIGKILL)
+
+        def done(_: object) -> None:
+            if killer.active():
+                killer.cancel()
+
+            for sock in self.listening:
+                sock.close()
+
+        return defer.DeferredList(ended).addCallback(done)
+
+
+def workerArgv(argv: List[str]) -> List[str]:
+    """The command line of a worker: this program's own `run` arguments without `--workers`."""
+    out: List[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        if arg == "--workers":
+            skip = True
+            continue
+        if arg.startswith("--workers="):
+            continue
+        out.append(arg)
+    return [sys.executable, "-m", "ksproxy.cli", "run", *out]

@@ -1,0 +1,134 @@
+"""
+ksproxy as a real process: `twistd -n ksproxy run` in the foreground, and `--workers 2` with a supervisor that
+restarts a dead worker and passes SIGTERM on.  Slow (process start-up), bounded: every wait has a deadline.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+EXAMPLES = os.path.join(ROOT, "examples")
+
+pytestmark = pytest.mark.slow
+
+
+def _freePort() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def _get(url: str, timeout: float = 5.0):  # type: ignore[no-untyped-def]
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def _waitFor(predicate, deadline: float = 20.0) -> None:  # type: ignore[no-untyped-def]
+    end = time.monotonic() + deadline
+    while time.monotonic() < end:
+        try:
+            if predicate():
+                return
+        except OSError:
+            pass
+        time.sleep(0.05)
+    raise AssertionError("timed out waiting for the process")
+
+
+@pytest.fixture
+def demoUpstream():  # type: ignore[no-untyped-def]
+    """The examples point at 127.0.0.1:8081; run them against a private copy that points elsewhere."""
+    port = _freePort()
+    proc = subprocess.Popen([sys.executable, "-m", "ksproxy.demo", "--port", str(port)], cwd=ROOT)
+    folder = tempfile.mkdtemp(prefix="ksproxy-proc-")
+    for name in os.listdir(EXAMPLES):
+        if name.endswith(".yaml"):
+            with open(os.path.join(EXAMPLES, name)) as f:
+                text = f.read().replace("127.0.0.1:8081", f"127.0.0.1:{port}")
+            with open(os.path.join(folder, name), "w") as f:
+                f.write(text)
+    _waitFor(lambda: _get(f"http://127.0.0.1:{port}/healthz")[0] == 200)
+    yield folder
+    proc.terminate()
+    proc.wait(10)
+
+
+def _start(args, env=None):  # type: ignore[no-untyped-def]
+    return subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def test_twistdForeground(demoUpstream) -> None:  # type: ignore[no-untyped-def]
+    port, admin = _freePort(), _freePort()
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
+    proc = _start(
+        [twistd, "-n", "--pidfile=", "ksproxy", "run", "--listen", f"tcp:{port}:interface=127.0.0.1",
+         "--admin-listen", f"tcp:{admin}:interface=127.0.0.1", "--source", f"dir:{demoUpstream}"],
+        env,
+    )
+    try:
+        _waitFor(lambda: _get(f"http://127.0.0.1:{admin}/readyz")[0] == 200)
+        status, body = _get(f"http://127.0.0.1:{port}/proxy/demo/hello")
+        assert status == 200 and b'"uri": "/hello"' in body
+        status, body = _get(f"http://127.0.0.1:{port}/dist/demo/index.js")
+        assert status == 200 and b"demo-inline" in body
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) in (0, -signal.SIGTERM, 128 + signal.SIGTERM)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_workersShareThePortAndRestart(demoUpstream) -> None:  # type: ignore[no-untyped-def]
+    port, admin = _freePort(), _freePort()
+    proc = _start(
+        [sys.executable, "-m", "ksproxy.cli", "run", "--listen", f"tcp:{port}:interface=127.0.0.1",
+         "--admin-listen", f"tcp:{admin}:interface=127.0.0.1", "--source", f"dir:{demoUpstream}",
+         "--workers", "2", "--no-access-log"]
+    )
+    try:
+        _waitFor(lambda: _get(f"http://127.0.0.1:{admin}/readyz")[0] == 200)
+        _waitFor(lambda: len(_children(proc.pid)) == 2)
+        for _ in range(20):
+            assert _get(f"http://127.0.0.1:{port}/proxy/demo/x")[0] == 200
+        first = _children(proc.pid)
+        os.kill(first[0], signal.SIGKILL)
+        # The other worker keeps serving while the dead one is replaced.
+        assert _get(f"http://127.0.0.1:{port}/proxy/demo/x")[0] == 200
+        _waitFor(lambda: len(_children(proc.pid)) == 2 and set(_children(proc.pid)) != set(first))
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+        assert _children(proc.pid) == []
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def _children(pid: int) -> list:
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            out.append(int(entry))
+    return sorted(out)
