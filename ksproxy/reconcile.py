@@ -66,6 +66,7 @@ class Reconciler:
         self.ready = False
         self.rebuilds = 0
         self._pending = None
+        self._logged: frozenset = frozenset()
 
     def changed(self) -> None:
         """Something in the inventory changed: rebuild once, on the next reactor turn."""
@@ -117,7 +118,7 @@ class Reconciler:
             seconds=time.perf_counter() - started,
         )
         self.report = report
-        _logReport(report)
+        self._logged = _logReport(report, self._logged)
         for observer in self.observers:
             try:
                 observer(report)
@@ -126,7 +127,8 @@ class Reconciler:
         return report
 
 
-def _logReport(report: BuildReport) -> None:
+def _logReport(report: BuildReport, logged: frozenset) -> frozenset:
+    """One summary line per build; each problem once, when it appears (not again on every rebuild)."""
     snap = report.snapshot
     log.info(
         "route table generation {generation}: {count} resources served, {rejected} rejected, "
@@ -137,6 +139,22 @@ def _logReport(report: BuildReport) -> None:
         conflicts=len(report.compiled.conflicts),
         ms=report.seconds * 1000,
     )
+    problems = []
+    for record in snap.records.values():
+        if record.rejection is not None:
+            suffix = " (serving its last good version)" if record.current is not None else ""
+            problems.append(("warn", f"rejected {record.rejection}{suffix}"))
+        problems.extend(("warn", f"warning: {w}") for w in record.warnings)
+        problems.extend(("debug", f"note: {n}") for n in record.notes)
+    problems.extend(("warn", f"conflict: {c.message}") for c in report.compiled.conflicts)
+    problems.extend(("warn", f"duplicate: {d}") for d in snap.duplicates)
+    problems.extend(("info", f"skipped: {s}") for s in snap.skipped)
+    problems.extend(("error", f"cannot load {e.message}") for e in snap.sourceErrors)
+    problems.extend(("warn", f"not servable: {kind}/{name}: {why}") for (kind, name), why in report.unservable.items())
+    for level, message in problems:
+        if message not in logged:
+            getattr(log, level)("{message}", message=message)
+    return frozenset(message for _, message in problems)
 
 
 def statusInputs(report: BuildReport, health=None) -> list:  # type: ignore[no-untyped-def]
