@@ -7,7 +7,7 @@ observer prints one line and the JSON observer (L{ksproxy.logfmt.jsonLogObserver
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, List, Optional
 
 from twisted.logger import Logger
 
@@ -17,6 +17,9 @@ __all__ = ["AccessLog"]
 
 _log = Logger(namespace="ksproxy.access")
 
+# (exchange, aborted, duration in seconds)
+Observer = Callable[[Exchange, bool, float], None]
+
 _FORMAT = (
     '{client} "{method} {target} HTTP/{version}" {code} {bytes} {ms:.1f}ms '
     "route={route} upstream={upstream} gen={generation}{aborted}"
@@ -24,18 +27,27 @@ _FORMAT = (
 
 
 class AccessLog:
-    """Called by the server factory for every finished (or aborted) exchange."""
+    """
+    Called by the server factory for every finished (or aborted) exchange.  Observers (metrics) see every
+    exchange even when the log line itself is turned off (C{--no-access-log}).
+    """
 
-    def __init__(self, clock, enabled: bool = True, observe: Optional[Callable[[Exchange, bool, float], None]] = None):
+    def __init__(self, clock, enabled: bool = True, observe: Optional[Observer] = None):
         self.clock = clock
         self.enabled = enabled
-        # Extra per-request observer (metrics); gets the exchange, whether it was aborted, and its duration.
-        self.observe = observe
+        self.observers: List[Observer] = [observe] if observe is not None else []
+
+    def addObserver(self, observer: Observer) -> None:
+        """Also call C{observer(exchange, aborted, duration)} for every exchange."""
+        self.observers.append(observer)
 
     def __call__(self, exchange: Exchange, aborted: bool) -> None:
         duration = self.clock.seconds() - exchange.startedAt
-        if self.observe is not None:
-            self.observe(exchange, aborted, duration)
+        for observer in self.observers:
+            try:
+                observer(exchange, aborted, duration)
+            except Exception:
+                _log.failure("access log observer failed")
         if not self.enabled:
             return
         _log.info(

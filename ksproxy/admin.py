@@ -63,6 +63,7 @@ def describeReport(report: BuildReport, health=None) -> Dict[str, Any]:
             entry["upstream"] = upstream.origin
             if health is not None:
                 entry["upstreamHealthy"] = not health.isDown(upstream.key)
+                entry["upstreamHealth"] = _healthWord(health, upstream.key)
         objects.append(entry)
     return {
         "generation": report.generation,
@@ -76,13 +77,34 @@ def describeReport(report: BuildReport, health=None) -> Dict[str, Any]:
     }
 
 
+def _healthWord(health, key: tuple) -> str:  # type: ignore[no-untyped-def]
+    """"up", "down", "unknown" (checker running, no result yet) or "unchecked" (no healthCheck)."""
+    if health.isDown(key):
+        return "down"
+    state = health.upstreamHealthy(key)
+    if state is None:
+        return "unknown" if key in getattr(health, "_byUpstream", {}) else "unchecked"
+    return "up"
+
+
 def _upstreamOf(resource_):  # type: ignore[no-untyped-def]
     if resource_ is None:
         return None
     return getattr(resource_, "upstream", None) or getattr(resource_, "endpoint", None)
 
 
-def adminSite(reconciler: Reconciler, gateway: Gateway, pool: UpstreamPool, metrics=None) -> server.Site:
+def adminSite(
+    reconciler: Reconciler,
+    gateway: Gateway,
+    pool: UpstreamPool,
+    metrics=None,
+    draining: Callable[[], bool] = lambda: False,
+) -> server.Site:
+    """
+    The admin site.  C{metrics} is a L{ksproxy.metrics.Metrics} (or any resource) served at /metrics; without
+    it /metrics answers 404.  C{draining} says whether the proxy listeners are draining (then /readyz is 503,
+    so a load balancer stops sending new work).
+    """
     root = resource.Resource()
 
     def healthz(request: server.Request) -> bytes:
@@ -91,6 +113,9 @@ def adminSite(reconciler: Reconciler, gateway: Gateway, pool: UpstreamPool, metr
 
     def readyz(request: server.Request) -> bytes:
         request.setHeader(b"Content-Type", b"text/plain")
+        if draining():
+            request.setResponseCode(503)
+            return b"not ready: shutting down, draining in-flight requests\n"
         if reconciler.ready and gateway.state.ready:
             return b"ok\n"
         request.setResponseCode(503)
@@ -103,6 +128,8 @@ def adminSite(reconciler: Reconciler, gateway: Gateway, pool: UpstreamPool, metr
         data = describeReport(report, gateway.health)
         data["ready"] = reconciler.ready
         data["upstreamConnections"] = {"open": pool.active, "idle": pool.idleCount()}
+        health = gateway.health
+        data["healthCheckers"] = health.describe() if health is not None else []
         return _json(request, data)
 
     def explain(request: server.Request) -> bytes:
@@ -122,7 +149,7 @@ def adminSite(reconciler: Reconciler, gateway: Gateway, pool: UpstreamPool, metr
     debug.putChild(b"explain", _Leaf(explain))
     root.putChild(b"debug", debug)
     if metrics is not None:
-        root.putChild(b"metrics", metrics)
+        root.putChild(b"metrics", metrics.resource() if hasattr(metrics, "resource") else metrics)
     site = server.Site(root)
     site.displayTracebacks = False
     return site

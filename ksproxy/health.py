@@ -9,7 +9,7 @@ not black out routes.
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Iterable, Optional, Set, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Set, Tuple
 
 import attrs
 from twisted.internet import defer, task
@@ -59,8 +59,10 @@ class Checker:
     runs: int = 0
     _loop: Optional[task.LoopingCall] = None
     _inFlight: Optional[defer.Deferred] = None
+    _stopped: bool = False
 
     def start(self) -> None:
+        self._stopped = False
         self._loop = task.LoopingCall(self.runOnce)
         self._loop.clock = self.clock
         self._loop.start(self.check.interval, now=True).addErrback(
@@ -68,28 +70,34 @@ class Checker:
         )
 
     def stop(self) -> None:
+        # Set first: the cancelled in-flight check must not report a result for a checker that is gone.
+        self._stopped = True
         if self._loop is not None and self._loop.running:
             self._loop.stop()
         self._loop = None
-        if self._inFlight is not None:
-            self._inFlight.cancel()
+        inFlight, self._inFlight = self._inFlight, None
+        if inFlight is not None:
+            inFlight.cancel()
 
     @property
     def running(self) -> bool:
         return self._loop is not None and self._loop.running
 
     def runOnce(self) -> None:
-        if self._inFlight is not None:
+        if self._inFlight is not None or self._stopped:
             return  # the previous check has not finished; its own timeout will end it
         self.runs += 1
-        d = self.probe(self.endpoint, self.check)
+        d = defer.maybeDeferred(self.probe, self.endpoint, self.check)
         timer = self.clock.callLater(self.check.timeout, d.cancel)  # type: ignore[attr-defined]
         self._inFlight = d
 
         def done(result: object) -> None:
             if timer.active():
                 timer.cancel()
-            self._inFlight = None
+            if self._inFlight is d:
+                self._inFlight = None
+            if self._stopped:
+                return None
             if isinstance(result, Failure):
                 if result.check(defer.CancelledError):
                     self.record(f"no answer within {self.check.timeout:g}s")
@@ -97,6 +105,7 @@ class Checker:
                     self.record(result.getErrorMessage() or result.type.__name__)
             else:
                 self.record(result)  # type: ignore[arg-type]
+            return None
 
         d.addBoth(done)
 
@@ -127,12 +136,19 @@ class Checker:
 
     def forceDown(self, why: str) -> None:
         """Passive health: live traffic says the upstream is failing; down until a check succeeds."""
-        if self.healthy:
+        if self.healthy and not self._stopped:
             self.healthy = False
             self.successes = 0
             self.lastError = why
             log.info("upstream {origin} marked unhealthy by live traffic: {why}", origin=self.endpoint.origin, why=why)
             self.onChange(self)
+
+    @property
+    def state(self) -> str:
+        """"up", "down", or "unknown" before the first check has completed (which counts as up)."""
+        if not self.healthy:
+            return "down"
+        return "up" if self.checked else "unknown"
 
 
 class HealthRegistry:
@@ -223,16 +239,24 @@ class HealthRegistry:
             return None
         return True
 
-    def describe(self) -> list:
+    def describe(self) -> List[Dict[str, Any]]:
+        """Every checker's state, for /debug/routes and the upstream health gauge."""
         return [
             {
                 "upstream": c.endpoint.origin,
                 "tls": c.endpoint.tls.fingerprint,
                 "check": c.check.target,
                 "interval": c.check.interval,
+                "timeout": c.check.timeout,
+                "expectStatus": c.check.status,
+                "rise": c.check.rise,
+                "fall": c.check.fall,
+                "state": c.state,
                 "healthy": c.healthy,
                 "checked": c.checked,
                 "consecutiveFailures": c.failures,
+                "consecutiveSuccesses": c.successes,
+                "checks": c.runs,
                 "lastError": c.lastError,
             }
             for c in self.checkers.values()

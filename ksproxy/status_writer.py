@@ -24,6 +24,7 @@ from twisted.python.threadpool import ThreadPool
 
 from ksproxy.lease import LeaseElector, _describe
 from ksproxy.model.types import GROUP, KIND_APISERVICE, KIND_JSBUNDLE, KIND_REVERSEPROXY, VERSION, Rejection
+from ksproxy.services import SequentialMultiService
 from ksproxy.status import (
     desiredStatus,
     needsGenerationRefresh,
@@ -311,17 +312,6 @@ class StatusWriter(service.Service):
         return fresh
 
 
-class _Sequential(service.MultiService):
-    """Stops its children one at a time, last first, each after the previous one has finished stopping
-    (the writer must release the Lease before the threads it needs for that go away)."""
-
-    @defer.inlineCallbacks
-    def stopService(self) -> Any:
-        service.Service.stopService(self)
-        for child in reversed(list(self)):
-            yield defer.maybeDeferred(child.stopService)
-
-
 def defaultIdentity() -> str:
     """client-go's habit: host name plus a random suffix, unique per process."""
     return f"{socket.gethostname()}_{uuid.uuid4()}"
@@ -359,7 +349,7 @@ def makeStatusService(
     writer = StatusWriter(
         api, elector, clock=reactor, runInThread=runner, manageState=manageState, stateGate=stateGate
     )
-    parent = _Sequential()
+    parent = SequentialMultiService()
     runner.setServiceParent(parent)
     writer.setServiceParent(parent)
     return parent, writer

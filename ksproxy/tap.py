@@ -26,12 +26,14 @@ from .fetch import OutOfBandClient
 from .health import HealthRegistry, checksOf, httpProbe
 from .http.server import HTTPServerFactory, ServerLimits
 from .http.upstream import UpstreamPool
+from .metrics import install as installMetrics
 from .model.types import Endpoint, JSBundle
 from .proxy.defaultupstream import IN_CLUSTER, KubeAPICredentials, endpointWithCA, inClusterEndpoint
 from .proxy.dispatch import Gateway, ServedState
 from .proxy.forward import Timeouts
 from .reconcile import Reconciler, statusInputs
 from .routing import compileTable
+from .services import SequentialMultiService
 from .workers import LISTEN_FDS, Supervisor, bindListening, inheritedEndpoint, workerArgv
 
 __all__ = ["Options", "RunOptions", "makeService"]
@@ -222,7 +224,7 @@ class _Cleanup(service.Service):
         super().stopService()
         self.health.stopAll()
         self.fetcher.stop()
-        self.pool.closeIdle()
+        self.pool.close()
         return self.client.close()
 
 
@@ -241,7 +243,9 @@ def makeRunService(config: RunOptions, reactor) -> service.MultiService:
     """Build the service tree for C{run}: source, reconciler, listeners, admin (or, with --workers, a supervisor)."""
     from .admin import adminSite
 
-    top = service.MultiService()
+    # Started in the order added; stopped in reverse, one after another: the listeners drain first, then the
+    # status writer and the source stop, then the admin listener, and last the pools, checkers and fetches.
+    top = SequentialMultiService()
     workerIndex = config["worker-index"]
     if config["workers"] > 1 and workerIndex is None:
         # Grace for the workers: their own drain, plus a little to exit.
@@ -257,8 +261,13 @@ def makeRunService(config: RunOptions, reactor) -> service.MultiService:
     outOfBand = OutOfBandClient(reactor)
     health = HealthRegistry(reactor, httpProbe(outOfBand))
     fetcher = BundleFetcher(reactor, outOfBand.fetchBytes)
-    # Stopped last (MultiService stops children in reverse): timers and idle connections go after the drain.
     _Cleanup(pool, health, fetcher, outOfBand).setServiceParent(top)
+    # The admin site needs the parts built below; its service is added here so that it stops after the drain.
+    admin = None
+    if config["admin-listen"] and config["admin-listen"] != "none" and workerIndex in (None, "0"):
+        # With --workers only the first worker serves the admin endpoints (they share one port).
+        admin = strports.service(config["admin-listen"], None, reactor=reactor)
+        admin.setServiceParent(top)
     timeouts = Timeouts(
         connect=config["connect-timeout"],
         responseHeader=config["response-header-timeout"],
@@ -324,17 +333,17 @@ def makeRunService(config: RunOptions, reactor) -> service.MultiService:
         for endpoint in config["listen"]:
             strports.service(endpoint, factory, reactor=reactor).setServiceParent(listeners)
     listeners.setServiceParent(top)
-    # With --workers only the first worker serves the admin endpoints (they share one port).
-    if config["admin-listen"] and config["admin-listen"] != "none" and workerIndex in (None, "0"):
-        strports.service(config["admin-listen"], adminSite(reconciler, gateway, pool), reactor=reactor).setServiceParent(
-            top
-        )
+    metrics = installMetrics(reconciler, gateway, pool, health, factory, source)
+    if admin is not None:
+        admin.factory = adminSite(reconciler, gateway, pool, metrics, draining=lambda: factory.draining)
     # For tests and embedding: the parts, by name.
     top.gateway = gateway  # type: ignore[attr-defined]
     top.reconciler = reconciler  # type: ignore[attr-defined]
     top.pool = pool  # type: ignore[attr-defined]
     top.factory = factory  # type: ignore[attr-defined]
     top.source = source  # type: ignore[attr-defined]
+    top.metrics = metrics  # type: ignore[attr-defined]
+    top.health = health  # type: ignore[attr-defined]
     return top
 
 

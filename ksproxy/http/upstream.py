@@ -15,8 +15,14 @@ from typing import Protocol as TypingProtocol
 import httptools
 from OpenSSL import SSL
 from twisted.internet import defer
-from twisted.internet.endpoints import HostnameEndpoint, connectProtocol, wrapClientTLS
-from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IPushProducer
+from twisted.internet.endpoints import (
+    HostnameEndpoint,
+    TCP4ClientEndpoint,
+    TCP6ClientEndpoint,
+    connectProtocol,
+    wrapClientTLS,
+)
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IPushProducer, IStreamClientEndpoint
 from twisted.internet.protocol import Protocol
 from twisted.internet.ssl import (
     Certificate,
@@ -242,6 +248,8 @@ class UpstreamConnection(Protocol):
     def on_message_complete(self) -> None:
         if not self._gotHead:
             return  # the end of an interim 1xx response
+        if self._parser.get_status_code() == 101:
+            return  # llhttp ends the 101 "message" before raising HttpParserUpgrade: the tunnel starts here
         self._inBody = False
         sink = self.sink
         if sink is not None:
@@ -316,9 +324,10 @@ class UpstreamPool:
         self.connectTimeout = connectTimeout
         self._idle: Dict[tuple, List[UpstreamConnection]] = {}
         self._timers: Dict[int, object] = {}
-        self._creators: Dict[tuple, IOpenSSLClientConnectionCreator] = {}
+        self._endpoints: Dict[tuple, IStreamClientEndpoint] = {}
         self.active = 0  # connections open (idle or busy), for metrics and leak tests
         self.onConnect: Optional[Callable[[Endpoint], None]] = None
+        self.closed = False  # shutting down: connections that finish their exchange are closed, not pooled
 
     def idleCount(self, key: Optional[tuple] = None) -> int:
         if key is not None:
@@ -337,12 +346,9 @@ class UpstreamPool:
     def connect(self, endpoint: Endpoint) -> defer.Deferred[UpstreamConnection]:
         key = endpoint.key
         conn = UpstreamConnection(self, key)
-        ep = HostnameEndpoint(self.reactor, endpoint.host, endpoint.port, timeout=self.connectTimeout)
-        if endpoint.scheme == "https":
-            creator = self._creators.get(key)
-            if creator is None:
-                creator = self._creators[key] = tlsCreator(endpoint.host, endpoint.tls)
-            ep = wrapClientTLS(creator, ep)
+        ep = self._endpoints.get(key)
+        if ep is None:
+            ep = self._endpoints[key] = self._clientEndpoint(endpoint)
         if self.onConnect is not None:
             self.onConnect(endpoint)
         d = connectProtocol(ep, conn)
@@ -355,8 +361,23 @@ class UpstreamPool:
         d.addErrback(failed)
         return d
 
+    def _clientEndpoint(self, endpoint: Endpoint) -> IStreamClientEndpoint:
+        """Built once per upstream identity: the TLS creator (CA parsing) is not redone per connection."""
+        host = endpoint.host
+        ep: IStreamClientEndpoint
+        if _isIP(host):
+            # No resolution, and a refused connection fails at once (HostnameEndpoint reports it only at its
+            # next 0.3 s attempt tick).
+            tcp = TCP6ClientEndpoint if ":" in host else TCP4ClientEndpoint
+            ep = tcp(self.reactor, host, endpoint.port, timeout=self.connectTimeout)
+        else:
+            ep = HostnameEndpoint(self.reactor, host, endpoint.port, timeout=self.connectTimeout)
+        if endpoint.scheme == "https":
+            ep = wrapClientTLS(tlsCreator(host, endpoint.tls), ep)
+        return ep
+
     def _release(self, conn: UpstreamConnection) -> None:
-        if not conn.keepAlive:
+        if self.closed or not conn.keepAlive:
             conn.transport.loseConnection()
             return
         idle = self._idle.setdefault(conn.key, [])
@@ -393,8 +414,13 @@ class UpstreamPool:
             for conn in self._idle.pop(key):
                 self._cancelIdle(conn)
                 conn.transport.loseConnection()
-        for key in [k for k in self._creators if k not in liveKeys]:
-            del self._creators[key]
+        for key in [k for k in self._endpoints if k not in liveKeys]:
+            del self._endpoints[key]
 
     def closeIdle(self) -> None:
         self.prune(set())
+
+    def close(self) -> None:
+        """Shutdown: close idle connections now, and every busy one when its exchange ends."""
+        self.closed = True
+        self.closeIdle()

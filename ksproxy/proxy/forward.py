@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import attrs
+from twisted.internet import defer
 from twisted.internet.error import ConnectError, ConnectionRefusedError, DNSLookupError, TimeoutError
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -105,6 +106,7 @@ class ProxyCall:
         "_done",
         "_upstreamCongested",
         "_isHead",
+        "_connecting",
     )
 
     def __init__(
@@ -131,6 +133,7 @@ class ProxyCall:
         self._done = False
         self._upstreamCongested = False
         self._isHead = request.method == b"HEAD"
+        self._connecting: Optional[defer.Deferred] = None
 
     # -- starting -----------------------------------------------------------------------------------------
 
@@ -144,19 +147,24 @@ class ProxyCall:
             self._connect()
 
     def _connect(self) -> None:
-        d = self.pool.connect(self.request.endpoint)
+        # Our own timer (not only the endpoint's): on the injected clock, and it cancels the attempt.
+        self._armTimer(self.timeouts.connect)
+        d = self._connecting = self.pool.connect(self.request.endpoint)
         d.addCallbacks(self._connected, self._connectFailed)
 
     def _connected(self, conn: UpstreamConnection) -> None:
-        if self._done:
-            # The client went away while we were connecting: keep the connection for someone else.
-            conn.release()
+        self._connecting = None
+        if self._done:  # pragma: no cover - a finished call cancels its connection attempt
+            conn.abort()
             return
         self._attach(conn)
 
     def _connectFailed(self, reason: Failure) -> None:
+        self._connecting = None
         if self._done:
             return
+        if reason.check(defer.CancelledError):
+            reason = Failure(TimeoutError())
         if self.health is not None:
             self.health.passiveFailure(self.request.endpoint.key)
         if reason.check(TimeoutError):
@@ -173,7 +181,7 @@ class ProxyCall:
         request = self.request
         exchange = self.exchange
         headers = request.headers
-        exchange.responseProducer = conn
+        exchange.responseProducer = self
         if exchange.hasBody and not exchange.upgrade:
             if b"content-length" not in headers:
                 self._chunkedUp = True
@@ -185,9 +193,9 @@ class ProxyCall:
         if self._chunkedUp:
             # Take it back out so a retry on a fresh connection does not add it twice.
             headers.remove(b"transfer-encoding")
-        if exchange.congestedByClient:
-            conn.pauseReading()
         self._armTimer(self.timeouts.responseHeader)
+        if exchange.congestedByClient:
+            self.pauseReading()
         if exchange.upgrade:
             exchange.discardBody() if not exchange.hasBody else exchange.setBodyConsumer(self)
         elif exchange.hasBody:
@@ -203,8 +211,9 @@ class ProxyCall:
             conn.writeSequence([b"%x\r\n" % len(data), data, b"\r\n"])
         else:
             conn.write(data)
-        if self._timer is not None and not self._headSent:
-            self._armTimer(self.timeouts.responseHeader)
+        if self._timer is not None:
+            # Bytes moving upward count as activity, before the response head and after it.
+            self._armTimer(self.timeouts.idle if self._headSent else self.timeouts.responseHeader)
 
     def bodyEnd(self) -> None:
         self._bodySent = True
@@ -244,7 +253,7 @@ class ProxyCall:
         if self.request.rewriteResponse is not None:
             self.request.rewriteResponse(headers)
         exchange.writeHead(code, headers, reason=reason or None, length=length)
-        self._armTimer(self.timeouts.idle)
+        self._armIdle()
 
     def _startTunnel(self, reason: bytes, headers: Headers) -> None:
         exchange = self.exchange
@@ -256,7 +265,7 @@ class ProxyCall:
             self.request.rewriteResponse(headers)
         exchange.writeHead(101, headers, reason=reason or None)
         exchange.startTunnel(self._tunnelFromClient)
-        self._armTimer(self.timeouts.tunnelIdle)
+        self._armIdle()
 
     def _tunnelFromClient(self, data: bytes) -> None:
         conn = self.conn
@@ -270,7 +279,7 @@ class ProxyCall:
             return
         self.exchange.write(data)
         if self._timer is not None:
-            self._armTimer(self.timeouts.tunnelIdle if self.exchange._tunnel else self.timeouts.idle)
+            self._armIdle()
 
     def responseEnd(self, trailers: Optional[List[Tuple[bytes, bytes]]]) -> None:
         if self._done:
@@ -317,6 +326,23 @@ class ProxyCall:
         self.exchange.responseProducer = None
         self.exchange.abort()
 
+    # -- the client's read pace (the exchange's responseProducer) ------------------------------------------
+
+    def pauseReading(self) -> None:
+        """The client is not reading: stop reading the upstream, and stop the idle clock (we are the ones idle)."""
+        conn = self.conn
+        if conn is not None:
+            conn.pauseReading()
+        if self._headSent:
+            self._cancelTimer()
+
+    def resumeReading(self) -> None:
+        conn = self.conn
+        if conn is not None:
+            conn.resumeReading()
+        if self._headSent and not self._done:
+            self._armIdle()
+
     def upstreamCongested(self, congested: bool) -> None:
         self._upstreamCongested = congested
         exchange = self.exchange
@@ -328,18 +354,25 @@ class ProxyCall:
     # -- endings --------------------------------------------------------------------------------------------
 
     def clientGone(self) -> None:
-        """The client disconnected: abort the upstream request (SPEC 6)."""
+        """The client disconnected: abort the upstream request, or the connection attempt (SPEC 6)."""
         if self._done:
             return
         self._done = True
         self._cancelTimer()
+        self._cancelConnect()
         conn, self.conn = self.conn, None
         if conn is not None:
             conn.abort()
 
+    def _cancelConnect(self) -> None:
+        connecting, self._connecting = self._connecting, None
+        if connecting is not None:
+            connecting.cancel()
+
     def _error(self, code: int, message: str, extra: Sequence[Tuple[bytes, bytes]] = ()) -> None:
         self._done = True
         self._cancelTimer()
+        self._cancelConnect()
         conn, self.conn = self.conn, None
         if conn is not None:
             conn.abort()
@@ -349,6 +382,9 @@ class ProxyCall:
             exchange.sendError(code, message, extra)
 
     # -- timers ---------------------------------------------------------------------------------------------
+
+    def _armIdle(self) -> None:
+        self._armTimer(self.timeouts.tunnelIdle if self.exchange._tunnel is not None else self.timeouts.idle)
 
     def _armTimer(self, delay: Optional[float]) -> None:
         if delay is None:
@@ -370,6 +406,10 @@ class ProxyCall:
     def _timedOut(self) -> None:
         self._timer = None
         if self._done:
+            return
+        if self._connecting is not None:
+            # Connect timeout: cancelling the attempt ends in _connectFailed with a TimeoutError (504).
+            self._cancelConnect()
             return
         if not self._headSent:
             if self.health is not None:

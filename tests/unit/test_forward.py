@@ -1,0 +1,430 @@
+"""
+L{ProxyCall} in memory: a real client-side protocol and real upstream connections over StringTransports, a
+pool whose connection attempts the test completes by hand, and every timer on a task.Clock, checked just before
+and just after its limit.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+from twisted.internet import defer, task
+from twisted.internet.address import IPv4Address
+from twisted.internet.error import ConnectionDone, ConnectionLost, ConnectionRefusedError
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+
+from ksproxy.http.server import HTTPServerFactory
+from ksproxy.http.upstream import UpstreamConnection, UpstreamPool
+from ksproxy.model.types import Endpoint
+from ksproxy.proxy.forward import ProxyCall, Timeouts, UpstreamRequest, stripHopByHop
+
+UP = Endpoint("http", "10.0.0.1", 8080)
+T = Timeouts(connect=5.0, responseHeader=30.0, idle=60.0, tunnelIdle=300.0)
+EPS = 0.01
+
+
+class Wire(StringTransport):
+    """A StringTransport that remembers how it was closed; the test delivers connectionLost with L{lose}."""
+
+    def __init__(self) -> None:
+        super().__init__(peerAddress=IPv4Address("TCP", "127.0.0.1", 40000))
+        self.aborted = False
+        self.protocol = None
+        self.lost = False
+
+    def abortConnection(self) -> None:
+        self.aborted = True
+        super().abortConnection()
+
+    def lose(self, reason: Optional[Failure] = None) -> None:
+        if not self.lost:
+            self.lost = True
+            self.protocol.connectionLost(reason or Failure(ConnectionDone()))  # type: ignore[union-attr]
+
+    @property
+    def closed(self) -> bool:
+        return self.disconnecting
+
+
+class FakePool(UpstreamPool):
+    """Connection attempts wait for the test: L{accept} opens one over a L{Wire}, L{refuse} fails it."""
+
+    def __init__(self, clock: task.Clock) -> None:
+        super().__init__(clock)
+        self.attempts: List[defer.Deferred] = []
+        self.cancelled = 0
+
+    def connect(self, endpoint: Endpoint) -> defer.Deferred:
+        def cancel(d: defer.Deferred) -> None:
+            self.cancelled += 1
+
+        d: defer.Deferred = defer.Deferred(cancel)
+        d.key = endpoint.key  # type: ignore[attr-defined]
+        self.attempts.append(d)
+        self.active += 1
+
+        def failed(f: Failure) -> Failure:
+            self.active -= 1
+            return f
+
+        d.addErrback(failed)
+        return d
+
+    def accept(self) -> Tuple[UpstreamConnection, Wire]:
+        d = next(a for a in self.attempts if not a.called)
+        conn = UpstreamConnection(self, d.key)  # type: ignore[attr-defined]
+        wire = Wire()
+        wire.protocol = conn
+        conn.makeConnection(wire)
+        d.callback(conn)
+        return conn, wire
+
+    def refuse(self) -> None:
+        d = next(a for a in self.attempts if not a.called)
+        d.errback(ConnectionRefusedError("refused"))
+
+
+class Health:
+    def __init__(self) -> None:
+        self.events: List[str] = []
+
+    def passiveFailure(self, key: tuple) -> None:
+        self.events.append("fail")
+
+    def passiveSuccess(self, key: tuple) -> None:
+        self.events.append("ok")
+
+
+class Forward:
+    """The handler: forward everything to UP."""
+
+    def __init__(self, pool: UpstreamPool, clock: task.Clock, timeouts: Timeouts, health: Health) -> None:
+        self.pool, self.clock, self.timeouts, self.health = pool, clock, timeouts, health
+        self.calls: List[ProxyCall] = []
+
+    def handleRequest(self, exchange) -> None:  # type: ignore[no-untyped-def]
+        headers = exchange.headers
+        upgrade = headers.get(b"upgrade") if exchange.upgrade else None
+        stripHopByHop(headers)
+        if upgrade is not None:
+            headers.add(b"Connection", b"Upgrade")
+            headers.add(b"Upgrade", upgrade)
+        headers.set(b"Host", UP.hostport.encode())
+        call = ProxyCall(
+            exchange,
+            UpstreamRequest(UP, exchange.method, exchange.target, headers, None, upgrade),
+            self.pool,
+            self.clock,
+            self.timeouts,
+            self.health,
+        )
+        self.calls.append(call)
+        call.start()
+
+
+class ForwardTestCase(SynchronousTestCase):
+    timeouts = T
+
+    def setUp(self) -> None:
+        self.clock = task.Clock()
+        self.pool = FakePool(self.clock)
+        self.health = Health()
+        self.handler = Forward(self.pool, self.clock, self.timeouts, self.health)
+        self.factory = HTTPServerFactory(self.handler, self.clock)
+        self.client = self.connectClient()
+
+    def connectClient(self) -> Wire:
+        proto = self.factory.buildProtocol(None)
+        wire = Wire()
+        wire.protocol = proto
+        proto.makeConnection(wire)
+        return wire
+
+    def send(self, data: bytes, client: Optional[Wire] = None) -> None:
+        (client or self.client).protocol.dataReceived(data)  # type: ignore[union-attr]
+
+    def get(self, path: bytes = b"/x", client: Optional[Wire] = None, method: bytes = b"GET") -> None:
+        self.send(b"%s %s HTTP/1.1\r\nHost: gw\r\n\r\n" % (method, path), client)
+
+    def answered(self, client: Optional[Wire] = None) -> bytes:
+        return (client or self.client).value()
+
+    def assertStatus(self, code: int, client: Optional[Wire] = None) -> None:
+        head = self.answered(client).split(b"\r\n", 1)[0]
+        self.assertEqual(head, b"HTTP/1.1 %d %s" % (code, head.split(b" ", 2)[2]), self.answered(client))
+
+
+class ConnectTests(ForwardTestCase):
+    def test_connectTimeoutBothSides(self) -> None:
+        self.get()
+        self.clock.advance(T.connect - EPS)
+        self.assertEqual(self.answered(), b"")
+        self.clock.advance(2 * EPS)
+        self.assertStatus(504)
+        self.assertIn(b"did not accept the connection in time", self.answered())
+        self.assertEqual(self.pool.cancelled, 1)
+        self.assertEqual(self.pool.active, 0)
+        self.assertEqual(self.health.events, ["fail"])
+
+    def test_refusedIs502(self) -> None:
+        self.get()
+        self.pool.refuse()
+        self.assertStatus(502)
+        self.assertIn(b"refused the connection", self.answered())
+        self.assertEqual(self.clock.getDelayedCalls()[0].getTime(), self.factory.limits.keepAliveTimeout)
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1)  # only the keep-alive timer of the client
+
+    def test_clientGoneWhileConnectingCancelsTheAttempt(self) -> None:
+        self.get()
+        self.client.lose()
+        self.assertEqual(self.pool.cancelled, 1)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
+class ResponseHeaderTimeoutTests(ForwardTestCase):
+    def test_bothSides(self) -> None:
+        self.get()
+        _, up = self.pool.accept()
+        self.assertTrue(up.value().startswith(b"GET /x HTTP/1.1\r\n"))
+        self.clock.advance(T.responseHeader - EPS)
+        self.assertEqual(self.answered(), b"")
+        self.clock.advance(2 * EPS)
+        self.assertStatus(504)
+        self.assertTrue(up.aborted)
+        self.assertEqual(self.health.events, ["fail"])
+
+    def test_slowHeadersWithinTheLimit(self) -> None:
+        self.get()
+        conn, _ = self.pool.accept()
+        self.clock.advance(T.responseHeader / 2)
+        conn.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Le")
+        self.clock.advance(T.responseHeader / 2 - EPS)
+        conn.dataReceived(b"ngth: 2\r\n\r\nok")
+        self.assertStatus(200)
+        self.assertTrue(self.answered().endswith(b"\r\n\r\nok"))
+        self.assertEqual(self.pool.idleCount(), 1)
+        self.assertEqual(self.health.events, ["ok"])
+
+    def test_uploadKeepsTheHeaderTimerFresh(self) -> None:
+        """A slow upload is activity: the header timer counts from the last body byte sent."""
+        self.send(b"POST /up HTTP/1.1\r\nHost: gw\r\nContent-Length: 4\r\n\r\n")
+        conn, up = self.pool.accept()
+        for chunk in (b"a", b"b", b"c"):
+            self.clock.advance(T.responseHeader - EPS)
+            self.send(chunk)
+        self.assertEqual(self.answered(), b"")
+        self.send(b"d")
+        self.assertTrue(up.value().endswith(b"\r\n\r\nabcd"))
+        self.clock.advance(T.responseHeader + EPS)
+        self.assertStatus(504)
+
+
+class IdleTimeoutTests(ForwardTestCase):
+    def start(self) -> UpstreamConnection:
+        self.get(b"/watch")
+        conn, _ = self.pool.accept()
+        conn.dataReceived(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        return conn
+
+    def test_streamingThatKeepsMovingIsNeverCut(self) -> None:
+        conn = self.start()
+        for _ in range(20):  # 20 idle periods in total, never one without a byte
+            self.clock.advance(T.idle - EPS)
+            conn.dataReceived(b"5\r\nevent\r\n")
+        self.assertFalse(self.client.disconnecting)
+        self.assertEqual(self.answered().count(b"event"), 20)
+
+    def test_silentStreamIsAborted(self) -> None:
+        conn = self.start()
+        conn.dataReceived(b"5\r\nevent\r\n")
+        self.clock.advance(T.idle - EPS)
+        self.assertFalse(self.client.aborted)
+        self.clock.advance(2 * EPS)
+        # The head went out: the client must see an incomplete response, not an error page or a clean end.
+        self.assertTrue(self.client.aborted)
+        self.assertNotIn(b"0\r\n\r\n", self.answered())
+        self.assertTrue(conn.transport.aborted)  # type: ignore[attr-defined]
+
+    def test_slowClientSuspendsTheIdleTimer(self) -> None:
+        """While the client is not reading we are the ones idle: no timeout, and the upstream is paused."""
+        conn = self.start()
+        self.client.protocol.pauseProducing()  # type: ignore[union-attr]
+        self.assertEqual(conn.transport.producerState, "paused")  # type: ignore[attr-defined]
+        self.clock.advance(T.idle * 3)
+        self.assertFalse(self.client.aborted)
+        self.client.protocol.resumeProducing()  # type: ignore[union-attr]
+        self.assertEqual(conn.transport.producerState, "producing")  # type: ignore[attr-defined]
+        self.clock.advance(T.idle - EPS)
+        self.assertFalse(self.client.aborted)
+        self.clock.advance(2 * EPS)
+        self.assertTrue(self.client.aborted)
+
+    def test_noIdleTimeoutConfigured(self) -> None:
+        self.handler.timeouts = Timeouts(connect=5.0, responseHeader=30.0, idle=None, tunnelIdle=None)
+        conn = self.start()
+        self.clock.advance(T.idle * 100)
+        self.assertFalse(self.client.aborted)
+        conn.dataReceived(b"0\r\n\r\n")
+        self.assertTrue(self.answered().endswith(b"0\r\n\r\n"))
+
+
+class TunnelTests(ForwardTestCase):
+    def start(self) -> Tuple[UpstreamConnection, Wire]:
+        self.send(b"GET /ws HTTP/1.1\r\nHost: gw\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
+        conn, up = self.pool.accept()
+        self.assertIn(b"\r\nUpgrade: websocket\r\n", up.value())
+        conn.dataReceived(
+            b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
+        )
+        self.assertStatus(101)
+        self.client.clear()
+        up.clear()
+        return conn, up
+
+    def test_bytesEitherWayKeepTheTunnel(self) -> None:
+        conn, up = self.start()
+        for i in range(10):
+            self.clock.advance(T.tunnelIdle - EPS)
+            if i % 2:
+                self.send(b"ping")
+            else:
+                conn.dataReceived(b"pong")
+        self.assertFalse(self.client.disconnecting)
+        self.assertEqual(self.answered(), b"pong" * 5)
+        self.assertEqual(up.value(), b"ping" * 5)
+        # Longer than the plain idle limit is fine for a tunnel.
+        self.assertGreater(T.tunnelIdle, T.idle)
+
+    def test_silentTunnelIsClosed(self) -> None:
+        self.start()
+        self.clock.advance(T.tunnelIdle - EPS)
+        self.assertFalse(self.client.disconnecting)
+        self.clock.advance(2 * EPS)
+        self.assertTrue(self.client.aborted)
+
+    def test_upstreamCloseEndsTheTunnel(self) -> None:
+        conn, up = self.start()
+        up.lose()
+        self.assertTrue(self.client.disconnecting)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
+class StaleRetryTests(ForwardTestCase):
+    def reuse(self) -> Tuple[UpstreamConnection, Wire]:
+        """One request on a fresh connection, which goes back to the pool."""
+        self.get(b"/first")
+        conn, up = self.pool.accept()
+        conn.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\n1")
+        self.assertEqual(self.pool.idleCount(), 1)
+        self.client.clear()
+        up.clear()
+        return conn, up
+
+    def test_idempotentBodilessRequestIsRetriedOnce(self) -> None:
+        conn, up = self.reuse()
+        self.get(b"/second")
+        self.assertTrue(up.value().startswith(b"GET /second "))  # sent on the pooled connection
+        up.lose(Failure(ConnectionLost()))  # ... which the upstream had already closed
+        self.assertEqual(self.answered(), b"")
+        conn2, up2 = self.pool.accept()
+        self.assertTrue(up2.value().startswith(b"GET /second "))
+        conn2.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        self.assertStatus(200)
+        self.assertEqual(self.health.events, ["ok", "ok"])
+
+    def test_onlyOnce(self) -> None:
+        conn, up = self.reuse()
+        self.get(b"/second")
+        up.lose(Failure(ConnectionLost()))
+        conn2, up2 = self.pool.accept()
+        # The fresh connection fails too: that is an answer, not another retry.
+        up2.lose(Failure(ConnectionLost()))
+        self.assertStatus(502)
+        self.assertEqual(len(self.pool.attempts), 2)
+
+    def test_requestWithBodyIsNotRetried(self) -> None:
+        conn, up = self.reuse()
+        self.send(b"PUT /p HTTP/1.1\r\nHost: gw\r\nContent-Length: 2\r\n\r\nhi")
+        up.lose(Failure(ConnectionLost()))
+        self.assertStatus(502)
+        self.assertEqual(len(self.pool.attempts), 1)
+
+    def test_nonIdempotentIsNotRetried(self) -> None:
+        conn, up = self.reuse()
+        self.get(b"/p", method=b"POST")
+        up.lose(Failure(ConnectionLost()))
+        self.assertStatus(502)
+        self.assertEqual(len(self.pool.attempts), 1)
+
+    def test_freshConnectionIsNotRetried(self) -> None:
+        self.get()
+        conn, up = self.pool.accept()
+        up.lose(Failure(ConnectionLost()))
+        self.assertStatus(502)
+        self.assertIn(b"closed the connection without a response", self.answered())
+
+    def test_idleConnectionClosedByUpstreamLeavesThePool(self) -> None:
+        conn, up = self.reuse()
+        up.lose()
+        self.assertEqual(self.pool.idleCount(), 0)
+        self.get(b"/second")
+        self.assertEqual(len(self.pool.attempts), 2)  # a new connection, not the dead one
+
+
+class AbortTests(ForwardTestCase):
+    def test_clientDisconnectAbortsTheUpstreamRequest(self) -> None:
+        self.get(b"/slow")
+        conn, up = self.pool.accept()
+        self.client.lose(Failure(ConnectionLost()))
+        self.assertTrue(up.aborted)
+        up.lose()
+        self.assertEqual(self.pool.idleCount(), 0)
+        self.assertEqual(self.pool.active, 0)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_clientDisconnectMidResponse(self) -> None:
+        self.get(b"/big")
+        conn, up = self.pool.accept()
+        conn.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n" + b"x" * 10)
+        self.client.lose(Failure(ConnectionLost()))
+        self.assertTrue(up.aborted)
+
+    def test_upstreamFailureMidBodyAbortsTheClient(self) -> None:
+        self.get(b"/big")
+        conn, up = self.pool.accept()
+        conn.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n" + b"x" * 10)
+        up.lose(Failure(ConnectionLost()))
+        self.assertTrue(self.client.aborted)
+        self.assertTrue(self.answered().endswith(b"x" * 10))
+
+    def test_upstreamFailureMidChunkedBodyNeverLooksComplete(self) -> None:
+        self.get(b"/big")
+        conn, up = self.pool.accept()
+        conn.dataReceived(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n")
+        up.lose(Failure(ConnectionLost()))
+        self.assertTrue(self.client.aborted)
+        self.assertNotIn(b"0\r\n\r\n", self.answered())
+
+    def test_closeDelimitedBodyEndsCleanly(self) -> None:
+        self.get(b"/old")
+        conn, up = self.pool.accept()
+        conn.dataReceived(b"HTTP/1.1 200 OK\r\n\r\nall of it")
+        up.lose()
+        self.assertFalse(self.client.aborted)
+        self.assertTrue(self.answered().endswith(b"9\r\nall of it\r\n0\r\n\r\n"))
+
+    def test_garbageFromUpstreamIs502(self) -> None:
+        self.get()
+        conn, up = self.pool.accept()
+        conn.dataReceived(b"NOT HTTP AT ALL\r\n\r\n")
+        self.assertStatus(502)
+        self.assertTrue(up.aborted)
+
+    def test_fiveHundredsArePassiveFailures(self) -> None:
+        self.get()
+        conn, _ = self.pool.accept()
+        conn.dataReceived(b"HTTP/1.1 503 Unavailable\r\nContent-Length: 0\r\n\r\n")
+        self.assertStatus(503)
+        self.assertEqual(self.health.events, ["fail"])
