@@ -13,6 +13,7 @@ import time
 from typing import Callable, Dict, List, Optional, Tuple
 
 import attrs
+from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 
 from .bundles import resolveBundle
@@ -53,12 +54,19 @@ def servability(resource: Resource, stateGate: Optional[str], refErrors: Dict[st
 
 
 class Reconciler:
-    """Owns the rebuild: inventory in, L{ServedState} out, observers told."""
+    """
+    Owns the rebuild: inventory in, L{ServedState} out, observers told.
 
-    def __init__(self, clock, gateway: Gateway, *, stateGate: Optional[str] = None) -> None:
+    With C{threaded}, the compile (pure: an immutable snapshot in, an immutable table out) runs in the
+    reactor's thread pool, so a large change does not stall requests; only the swap runs on the reactor.
+    One build runs at a time; changes that arrive meanwhile cause one more build when it ends.
+    """
+
+    def __init__(self, clock, gateway: Gateway, *, stateGate: Optional[str] = None, threaded: bool = False) -> None:
         self.clock = clock
         self.gateway = gateway
         self.stateGate = stateGate
+        self.threaded = threaded
         self.inventory = Inventory(onChange=self.changed)
         self.observers: List[Callable[[BuildReport], None]] = []
         self.report: Optional[BuildReport] = None
@@ -66,28 +74,64 @@ class Reconciler:
         self.ready = False
         self.rebuilds = 0
         self._pending = None
+        self._building = False
+        self._again = False
         self._logged: frozenset = frozenset()
+        self._readyWaiters: List[Deferred] = []
+
+    def whenReady(self) -> Deferred:
+        """Fires once a table built after the source's first complete snapshot is live (what /readyz says)."""
+        if self.ready and self.gateway.state.ready:
+            return succeed(None)
+        d: Deferred = Deferred()
+        self._readyWaiters.append(d)
+        return d
 
     def changed(self) -> None:
         """Something in the inventory changed: rebuild once, on the next reactor turn."""
-        if self._pending is None:
+        if self._building:
+            self._again = True
+        elif self._pending is None:
             self._pending = self.clock.callLater(0, self._rebuildNow)
 
     def markReady(self, _: object = None) -> None:
-        """The source has delivered its first complete snapshot."""
+        """The source has delivered its first complete snapshot: the next table built is ready to serve."""
         self.ready = True
-        self.rebuild()
+        if self.threaded:
+            self.changed()
+        else:
+            self.rebuild()
 
     def _rebuildNow(self) -> None:
         self._pending = None
-        self.rebuild()
+        if not self.threaded:
+            self.rebuild()
+            return
+        from twisted.internet.threads import deferToThreadPool
+
+        self._building = True
+        snapshot, generation, ready = self.inventory.snapshot(), self.generation + 1, self.ready
+        d = deferToThreadPool(self.clock, self.clock.getThreadPool(), self._compute, snapshot, generation)
+        d.addCallback(lambda built: self._install(*built, ready))
+        d.addErrback(lambda f: log.failure("building route table generation {generation} failed", f, generation=generation))
+        d.addBoth(self._built)
+
+    def _built(self, _: object) -> None:
+        self._building = False
+        if self._again:
+            self._again = False
+            self.changed()
 
     def rebuild(self) -> BuildReport:
+        """Build and install now, on this thread (the CLI, tests, and the unthreaded mode)."""
         if self._pending is not None and self._pending.active():
             self._pending.cancel()
         self._pending = None
+        return self._install(*self._compute(self.inventory.snapshot(), self.generation + 1), self.ready)
+
+    def _compute(self, snapshot: InventorySnapshot, generation: int) -> Tuple[BuildReport, Dict[str, object]]:
+        """Pure: bundle bytes, servability and the compiled table for one snapshot."""
         started = time.perf_counter()
-        snapshot = self.inventory.snapshot()
         bundles: Dict[str, object] = {}
         refErrors: Dict[str, str] = {}
         for resource in snapshot.resources:
@@ -105,20 +149,28 @@ class Reconciler:
                 unservable[(resource.kind, resource.meta.name)] = reason
             return ok, reason
 
-        self.generation += 1
-        compiled = compileTable(snapshot.resources, generation=self.generation, isServable=isServable)
-        self.gateway.state = ServedState(compiled.table, bundles, self.generation, self.ready)
-        self.rebuilds += 1
+        compiled = compileTable(snapshot.resources, generation=generation, isServable=isServable)
         report = BuildReport(
-            generation=self.generation,
+            generation=generation,
             snapshot=snapshot,
             compiled=compiled,
             refErrors=refErrors,
             unservable=unservable,
             seconds=time.perf_counter() - started,
         )
+        return report, bundles
+
+    def _install(self, report: BuildReport, bundles: Dict[str, object], ready: bool) -> BuildReport:
+        """On the reactor: the swap (one assignment), then the observers."""
+        self.generation = report.generation
+        self.gateway.state = ServedState(report.compiled.table, bundles, report.generation, ready)
+        self.rebuilds += 1
         self.report = report
         self._logged = _logReport(report, self._logged)
+        if ready:
+            waiters, self._readyWaiters = self._readyWaiters, []
+            for d in waiters:
+                d.callback(None)
         for observer in self.observers:
             try:
                 observer(report)

@@ -286,7 +286,7 @@ def makeRunService(config: RunOptions, reactor) -> service.MultiService:
         defaultUpstreamHeaders=KubeAPICredentials(reactor, config["default-upstream-token-file"]),
         trustedProxies=config["trusted-proxy"],
     )
-    reconciler = Reconciler(reactor, gateway, stateGate=config["state-gate"])
+    reconciler = Reconciler(reactor, gateway, stateGate=config["state-gate"], threaded=True)
     reconciler.observers.append(lambda report: pool.prune(_liveKeys(report)))
     reconciler.observers.append(lambda report: health.reconcile(checksOf(report.snapshot.resources)))
     reconciler.observers.append(

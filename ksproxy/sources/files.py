@@ -33,7 +33,8 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from ksproxy.sources.inventory import Inventory, SourceDocument, SourceError
+from ksproxy.model.parse import ParseResult, parseResource
+from ksproxy.sources.inventory import Inventory, SourceDocument, SourceError, contentKey, isReference
 
 __all__ = ["FileSource", "DirectoryScanner", "loadDirectory", "loadFile", "EXTENSIONS"]
 
@@ -355,6 +356,9 @@ class FileSource(service.Service):
         self._thread: Optional[threading.Thread] = None
         self._stopped: Optional[Deferred[None]] = None
         self._reported: Set[str] = set()
+        # Parse results by content, kept from one scan to the next: only new content is parsed, in the
+        # watcher thread, so that a large change does not stall the reactor.
+        self._parsed: Dict[bytes, ParseResult] = {}
 
     def startService(self) -> None:
         super().startService()
@@ -388,12 +392,26 @@ class FileSource(service.Service):
                     )
                     result = None
                 if result is not None and not stopEvent.is_set():
-                    callFromThread(self._deliver, result[0], result[1])
+                    callFromThread(self._deliver, result[0], result[1], self._parse(result[0]))
                 stopEvent.wait(self._pollInterval)
         finally:
             callFromThread(stopped.callback, None)
 
-    def _deliver(self, docs: List[SourceDocument], errors: List[SourceError]) -> None:
+    def _parse(self, docs: List[SourceDocument]) -> Dict[bytes, ParseResult]:
+        """In the watcher thread: parse what is new (parsing is pure; the model imports no Twisted)."""
+        previous, parsed = self._parsed, {}
+        for doc in docs:
+            if isReference(doc.raw):
+                continue  # ConfigMaps and Secrets are not parsed into models
+            key = contentKey(doc.raw)
+            result = previous.get(key) or parsed.get(key)
+            parsed[key] = result if result is not None else parseResource(doc.raw)
+        self._parsed = parsed
+        return parsed
+
+    def _deliver(
+        self, docs: List[SourceDocument], errors: List[SourceError], parsed: Optional[Dict[bytes, ParseResult]] = None
+    ) -> None:
         if not self.running:
             return
         messages = {e.message for e in errors}
@@ -406,6 +424,6 @@ class FileSource(service.Service):
             count=len(docs),
             errors=len(errors),
         )
-        self._inventory.replaceAll(docs, errors)
+        self._inventory.replaceAll(docs, errors, parsed)
         if not self.synced.called:
             self.synced.callback(None)

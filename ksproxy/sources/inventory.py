@@ -140,7 +140,7 @@ def _skipOrder(key: object) -> Tuple[str, Tuple[int, ...]]:
     return originSortKey(key) if isinstance(key, str) else (repr(key), ())
 
 
-def _contentKey(raw: Mapping[str, Any]) -> bytes:
+def contentKey(raw: Mapping[str, Any]) -> bytes:
     # repr is exact for what YAML/JSON produce (it tells 1 from "1", unlike JSON), and key order only
     # costs a cache miss.
     return hashlib.sha256(repr(raw).encode("utf-8", "surrogatepass")).digest()
@@ -151,7 +151,7 @@ def _meta(raw: Mapping[str, Any]) -> Mapping[str, Any]:
     return meta if isinstance(meta, Mapping) else {}
 
 
-def _isRef(raw: Mapping[str, Any]) -> bool:
+def isReference(raw: Mapping[str, Any]) -> bool:
     return raw.get("kind") in REF_KINDS and raw.get("apiVersion", "v1") == "v1"
 
 
@@ -284,9 +284,17 @@ class Inventory:
 
     # -- file source ------------------------------------------------------------------------------------
 
-    def replaceAll(self, docs: Sequence[SourceDocument], errors: Sequence[SourceError]) -> None:
+    def replaceAll(
+        self,
+        docs: Sequence[SourceDocument],
+        errors: Sequence[SourceError],
+        parsed: Optional[Mapping[bytes, ParseResult]] = None,
+    ) -> None:
         """
         Replace everything with the complete contents of a source.
+
+        C{parsed} may carry parse results by content key (L{contentKey}), computed off the reactor thread by
+        the source (parsing is pure); whatever it lacks is parsed here.
 
         Objects (and ConfigMaps/Secrets) that came from a file named by an error in C{errors} (or from a
         directory named by one) and that are not in C{docs} are kept, still serving their last good version.
@@ -306,8 +314,8 @@ class Inventory:
 
         for doc in sorted(docs, key=lambda d: originSortKey(d.origin)):
             raw = doc.raw
-            key = _contentKey(raw)
-            if _isRef(raw):
+            key = contentKey(raw)
+            if isReference(raw):
                 refKey, refEntry = _refEntry(raw, doc.origin, key)
                 if refKey is None:
                     errorList.append(
@@ -323,7 +331,7 @@ class Inventory:
                     refs[refKey] = refEntry
                 continue
 
-            result = cache.get(key) or self._parseCache.get(key)
+            result = cache.get(key) or self._parseCache.get(key) or (parsed.get(key) if parsed else None)
             if result is None:
                 result = self._parse(raw)
             cache[key] = result
@@ -375,9 +383,9 @@ class Inventory:
         if isinstance(uid, str) and uid and isinstance(version, str) and version:
             key = f"rv:{uid}:{version}".encode()
         else:
-            key = _contentKey(raw)
+            key = contentKey(raw)
 
-        if _isRef(raw):
+        if isReference(raw):
             refKey, refEntry = _refEntry(raw, origin, key)
             if refKey is None:
                 return

@@ -69,6 +69,7 @@ class RunningGateway:
             else:
                 self.adminPort = port.getHost().port
         yield self.service.source.synced
+        yield self.service.reconciler.whenReady()
         return self
 
     @property
