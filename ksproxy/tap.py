@@ -2,7 +2,7 @@
 C{twistd ksproxy}: options and the service tree.  The only place where things are wired together.
 
     twistd -n ksproxy run --listen tcp:8080 --source dir:examples
-    twistd -n ksproxy run --listen tcp:8080 --listen ssl:8443:privateKey=k.pem:certKey=c.pem \\
+    twistd -n ksproxy run --listen tcp:8080 --listen ksproxy-tls:port=8443:certDir=/etc/ksproxy/certs \\
         --admin-listen tcp:9090:interface=127.0.0.1 --source kubernetes
     twistd ksproxy check examples/
 """
@@ -90,7 +90,7 @@ class RunOptions(AuthOptionsMixin, usage.Options):
         super().parseOptions(options)
 
     def opt_listen(self, endpoint: str) -> None:
-        """Proxy listener, a Twisted endpoint string (tcp:8080, ssl:8443:..., unix:/run/ksproxy.sock). Repeatable."""
+        """Proxy listener, a Twisted endpoint string (tcp:8080, ksproxy-tls:port=8443:certDir=DIR, unix:/run/ksproxy.sock). Repeatable."""
         self["listen"].append(endpoint)
 
     def opt_trusted_proxy(self, cidr: str) -> None:

@@ -40,6 +40,8 @@ _PAUSE_PIPELINE = 2  # a pipelined request waits for the one before it to finish
 _PAUSE_TUNNEL = 4  # the tunnel peer is congested
 
 _JSON = b"application/json"
+# How long a closing TLS connection may wait for the client's close_notify.
+_TLS_CLOSE_GRACE = 5.0
 
 
 @attrs.frozen
@@ -194,7 +196,7 @@ class Exchange:
         if self._bodyDone:
             consumer.bodyEnd()
         else:
-            self.channel._unpause(_PAUSE_BODY)
+            self.resumeBody()
             if self.expectContinue and not self._continueSent:
                 self.sendContinue()
 
@@ -220,7 +222,7 @@ class Exchange:
             self._consumer.bodyData(data)
         else:
             self._held.append(data)
-            self.channel._pause(_PAUSE_BODY)
+            self.pauseBody()
 
     def _bodyEnd(self) -> None:
         self._bodyDone = True
@@ -384,6 +386,12 @@ class HTTPServerProtocol(Protocol):
         self._tunnelled: Optional[Exchange] = None
         self._timer = None
         self._gone = False
+        # A request head is being read: its bytes count against the limits before llhttp hands them over.
+        self._inHead = False
+        self._headSeen = 0
+        self._h2 = None  # the HTTP/2 connection, once ALPN chose h2
+        self._producing = False  # registered as our transport's producer
+        self._linger = None
 
     # -- connection ---------------------------------------------------------------------------------------
 
@@ -392,7 +400,11 @@ class HTTPServerProtocol(Protocol):
         peer = transport.getPeer()
         self.peerHost = getattr(peer, "host", None) or "unix"
         self.secure = getattr(transport, "TLS", False) or _isTLS(transport)
+        if self.secure:
+            # ALPN has its answer once the handshake is over, which is before the first application byte.
+            self.dataReceived = self._firstSecureData  # type: ignore[method-assign]
         transport.registerProducer(self, True)
+        self._producing = True
         if hasattr(transport, "setTcpNoDelay"):
             try:
                 transport.setTcpNoDelay(True)
@@ -404,7 +416,13 @@ class HTTPServerProtocol(Protocol):
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self._gone = True
         self._cancelTimer()
+        if self._linger is not None:
+            self._linger.cancel()
+            self._linger = None
         self.factory._connectionLost(self)
+        if self._h2 is not None:
+            self._h2.connectionLost(reason)
+            return
         pending = [e for e in (self._current, self._parsing, *self._queue) if e is not None]
         self._current = self._parsing = None
         self._queue = []
@@ -418,12 +436,18 @@ class HTTPServerProtocol(Protocol):
     # IPushProducer for our own transport: the client is not reading fast enough.
     def pauseProducing(self) -> None:
         self._congested = True
+        if self._h2 is not None:
+            self._h2.pauseProducing()
+            return
         producer = self._current.responseProducer if self._current is not None else None
         if producer is not None:
             producer.pauseReading()
 
     def resumeProducing(self) -> None:
         self._congested = False
+        if self._h2 is not None:
+            self._h2.resumeProducing()
+            return
         producer = self._current.responseProducer if self._current is not None else None
         if producer is not None:
             producer.resumeReading()
@@ -431,11 +455,43 @@ class HTTPServerProtocol(Protocol):
     def stopProducing(self) -> None:
         pass
 
+    def loseConnection(self) -> None:
+        """
+        Close after what is buffered has been written.  We unregister as the transport's producer first: a
+        transport whose producer is paused resumes it instead of closing when its buffer drains, and would then
+        stay open for good.
+        """
+        transport = self.transport
+        if self._producing:
+            self._producing = False
+            transport.unregisterProducer()
+        transport.loseConnection()
+        if self.secure and not self._gone and self._linger is None:
+            # TLS waits for the client's close_notify before it closes the socket: do not wait forever.
+            self._linger = self.clock.callLater(_TLS_CLOSE_GRACE, self._abortLingering)
+
+    def _abortLingering(self) -> None:
+        self._linger = None
+        if not self._gone:
+            self.transport.abortConnection()
+
     @property
     def congested(self) -> bool:
         return self._congested
 
     # -- reading --------------------------------------------------------------------------------------------
+
+    def _firstSecureData(self, data: bytes) -> None:
+        del self.dataReceived  # back to the class's method: this check runs once per connection
+        if getattr(self.transport, "negotiatedProtocol", None) == b"h2":
+            from .h2 import H2ServerConnection
+
+            self._cancelTimer()
+            self._h2 = H2ServerConnection(self)
+            # The HTTP/2 connection reads the socket from now on; we stay the transport's producer and relay.
+            self.dataReceived = self._h2.dataReceived  # type: ignore[method-assign]
+            self._h2.makeConnection(self.transport)
+        self.dataReceived(data)
 
     def dataReceived(self, data: bytes) -> None:
         if self._tunnelled is not None:
@@ -447,6 +503,12 @@ class HTTPServerProtocol(Protocol):
             return
         try:
             self._parser.feed_data(data)
+            if self._inHead:
+                # llhttp holds a header line until its end: a line that never ends must not grow without bound.
+                # (A head that began in this read is counted from the next one: one read of slack.)
+                self._headSeen = self._headSeen + len(data) if self._headSeen >= 0 else 0
+                if self._headSeen > self._headBudget:
+                    raise _BadRequest(431, "request headers too large")
         except httptools.HttpParserUpgrade as upgrade:
             offset = upgrade.args[0]
             rest = data[offset:]
@@ -495,7 +557,7 @@ class HTTPServerProtocol(Protocol):
             ]
         )
         self.factory._logRejected(self, code, message)
-        self.transport.loseConnection()
+        self.loseConnection()
 
     def _cancel(self, exchange: Exchange) -> None:
         """The client side of C{exchange} is gone or unusable: tell the handler so it drops the upstream."""
@@ -512,8 +574,16 @@ class HTTPServerProtocol(Protocol):
         self._urlLen = 0
         self._headers = []
         self._headerBytes = 0
+        self._inHead = True
+        self._headSeen = -1
         if self._current is None:
             self._armTimer(self.limits.headerTimeout)
+
+    @property
+    def _headBudget(self) -> int:
+        # Request line and header block, with room for the framing bytes the limits do not count.
+        limits = self.limits
+        return limits.maxUrlBytes + limits.maxHeaderBytes + 4 * limits.maxHeaderCount + 1024
 
     def on_url(self, url: bytes) -> None:
         self._urlLen += len(url)
@@ -529,6 +599,7 @@ class HTTPServerProtocol(Protocol):
         self._headers.append((name, value.rstrip(b" \t")))
 
     def on_headers_complete(self) -> None:
+        self._inHead = False
         parser = self._parser
         headers = Headers(self._headers)
         target = b"".join(self._url) if len(self._url) != 1 else self._url[0]
@@ -541,6 +612,9 @@ class HTTPServerProtocol(Protocol):
             raise _BadRequest(405, "CONNECT is not supported")
         if version not in (b"1.1", b"1.0"):
             raise _BadRequest(400, "unsupported HTTP version")
+        if te is not None and version != b"1.1":
+            # RFC 9112 6.1: an HTTP/1.0 message with Transfer-Encoding has faulty framing.
+            raise _BadRequest(400, "Transfer-Encoding in an HTTP/1.0 request")
         if version == b"1.1" and b"host" not in headers:
             raise _BadRequest(400, "missing Host header")
         if len(headers.getAll(b"host")) > 1:
@@ -606,11 +680,13 @@ class HTTPServerProtocol(Protocol):
             self.transport.abortConnection()
             return
         if not exchange.keepAlive or exchange._tunnel is not None or self._closing and not self._queue:
-            self.transport.loseConnection()
+            self.loseConnection()
             return
-        if exchange is self._parsing:
-            # Answered before its body was read: cannot reuse the connection (keepAlive was cleared in writeHead).
-            self.transport.loseConnection()
+        if exchange is self._parsing and not exchange._bodyDone and exchange._consumer is not _DISCARD:
+            # Answered before its body was read, by a handler that still owns it: do not reuse the connection.
+            # (A discarded body is read on and dropped: closing while the client sends could lose the answer
+            # to a TCP reset.  A request without a body, answered at once, is simply complete.)
+            self.loseConnection()
             return
         if self._queue:
             nxt = self._queue.pop(0)
@@ -621,7 +697,10 @@ class HTTPServerProtocol(Protocol):
         else:
             self._unpause(_PAUSE_PIPELINE)
             if self.factory.draining:
-                self.transport.loseConnection()
+                self.loseConnection()
+            elif self._inHead:
+                # The next request's head is partly in: its clock runs from now.
+                self._armTimer(self.limits.headerTimeout)
             else:
                 self._armTimer(self.limits.keepAliveTimeout)
 
@@ -665,19 +744,28 @@ class HTTPServerProtocol(Protocol):
         self._timer = None
         if self._current is not None:
             return
-        if self._url or self._headers:
+        if self._inHead:
             # Slow headers: tell the client why before closing.
             self._reject(408, "timed out reading request headers")
         else:
-            self.transport.loseConnection()
+            self.loseConnection()
 
     # -- shutdown -------------------------------------------------------------------------------------------
 
     def drain(self) -> None:
         """Finish what is in progress, take no new request, then close."""
         self._closing = True
-        if self._current is None and self._parsing is None:
-            self.transport.loseConnection()
+        if self._h2 is not None:
+            self._h2.drain()
+        elif self._current is None and self._parsing is None:
+            self.loseConnection()
+
+    @property
+    def busy(self) -> bool:
+        """A request is in progress (or a tunnel is open) on this connection."""
+        if self._h2 is not None:
+            return bool(self._h2.streams)
+        return self._current is not None or self._tunnelled is not None
 
 
 def _isTLS(transport: object) -> bool:
@@ -743,4 +831,4 @@ class HTTPServerFactory(Factory):
             proto.drain()
 
     def busyConnections(self) -> int:
-        return sum(1 for p in self.connections if p._current is not None or p._tunnelled is not None)
+        return sum(1 for p in self.connections if p.busy)

@@ -284,8 +284,15 @@ def _isIP(host: str) -> bool:
     return True
 
 
-def tlsCreator(host: str, tls: TLSSettings) -> IOpenSSLClientConnectionCreator:
-    """The TLS connection creator for one upstream: its CA bundle, or the system store; hostname verified."""
+def tlsCreator(host: str, tls: TLSSettings, clock=None) -> IOpenSSLClientConnectionCreator:
+    """
+    The TLS connection creator for one upstream: its CA bundle, or the system store; hostname verified; its
+    client certificate when it has one (mTLS; the files are re-read when they change, on C{clock}).
+    """
+    if tls.clientCertificate is not None:
+        from ..tls.client import ClientCertificateCreator
+
+        return ClientCertificateCreator(host, tls, clock)
     if tls.insecureSkipVerify:
         return _InsecureCreator(host)
     if tls.caBundle is not None:
@@ -302,6 +309,16 @@ def _splitPem(bundle: bytes) -> List[bytes]:
         if start >= 0:
             parts.append(piece[start:] + marker + b"\n")
     return parts
+
+
+def _close(conn: UpstreamConnection) -> None:
+    """Close cleanly.  The producer we registered on the transport must go first: Twisted's TLS layer waits for
+    a registered producer to finish before it closes, so a TLS upstream connection would otherwise stay open."""
+    transport = conn.transport
+    if transport is None:
+        return
+    transport.unregisterProducer()
+    transport.loseConnection()
 
 
 class UpstreamPool:
@@ -373,16 +390,16 @@ class UpstreamPool:
         else:
             ep = HostnameEndpoint(self.reactor, host, endpoint.port, timeout=self.connectTimeout)
         if endpoint.scheme == "https":
-            ep = wrapClientTLS(tlsCreator(host, endpoint.tls), ep)
+            ep = wrapClientTLS(tlsCreator(host, endpoint.tls, self.reactor), ep)
         return ep
 
     def _release(self, conn: UpstreamConnection) -> None:
         if self.closed or not conn.keepAlive:
-            conn.transport.loseConnection()
+            _close(conn)
             return
         idle = self._idle.setdefault(conn.key, [])
         if len(idle) >= self.maxIdlePerKey:
-            conn.transport.loseConnection()
+            _close(conn)
             return
         idle.append(conn)
         self._timers[id(conn)] = self.reactor.callLater(self.idleTimeout, self._expire, conn)
@@ -397,7 +414,7 @@ class UpstreamPool:
         idle = self._idle.get(conn.key)
         if idle and conn in idle:
             idle.remove(conn)
-            conn.transport.loseConnection()
+            _close(conn)
 
     def _lost(self, conn: UpstreamConnection) -> None:
         self.active -= 1
@@ -413,7 +430,7 @@ class UpstreamPool:
         for key in [k for k in self._idle if k not in liveKeys]:
             for conn in self._idle.pop(key):
                 self._cancelIdle(conn)
-                conn.transport.loseConnection()
+                _close(conn)
         for key in [k for k in self._endpoints if k not in liveKeys]:
             del self._endpoints[key]
 

@@ -58,6 +58,7 @@ from ksproxy.model.types import (
     APIService,
     Asset,
     BundleSource,
+    ClientCertificate,
     ConfigMapSource,
     Directives,
     Endpoint,
@@ -96,7 +97,8 @@ _META_OTHER = (
 )
 _STATUS_KEYS = ("state", "enabled")
 _STATUS_IGNORED = ("conditions", "observedGeneration")
-_ENDPOINT_KEYS = ("url", "service", "caBundle", "insecureSkipVerify", "insecureSkipTLSVerify")
+_ENDPOINT_KEYS = ("url", "service", "caBundle", "insecureSkipVerify", "insecureSkipTLSVerify", "clientCertificate")
+_CLIENT_CERT_KEYS = ("certFile", "keyFile", "secretRef")
 _SERVICE_KEYS = ("namespace", "name", "port", "path", "scheme")
 _HEALTH_KEYS = ("url", "interval", "timeout", "status", "rise", "fall")
 _APISERVICE_KEYS = ("group", "version", "nonResourceURLs", "endpoint", "healthCheck") + _ENDPOINT_KEYS
@@ -383,8 +385,9 @@ def _tls(f: Fields, caAliases: Tuple[str, ...]) -> TLSSettings:
                 f"contradicts {insecureKey} (the same field under its design-document name)",
             )
         insecureKey, insecure = f.at("insecureSkipTLSVerify"), legacy
+    client = _clientCertificate(f)
     if ca is None:
-        return TLSSettings(insecureSkipVerify=bool(insecure))
+        return TLSSettings(insecureSkipVerify=bool(insecure), clientCertificate=client)
     if insecure:
         raise Invalid(
             f.at(caKey),
@@ -394,7 +397,27 @@ def _tls(f: Fields, caAliases: Tuple[str, ...]) -> TLSSettings:
         pem = pemFromBase64(ca)
     except ValueError as e:
         raise Invalid(f.at(caKey), f"not a usable CA bundle: {e}") from None
-    return TLSSettings(caBundle=pem)
+    return TLSSettings(caBundle=pem, clientCertificate=client)
+
+
+def _clientCertificate(f: Fields) -> Optional[ClientCertificate]:
+    """Extension: C{clientCertificate: {certFile, keyFile}}, the certificate ksproxy presents upstream (mTLS)."""
+    c = f.mapping("clientCertificate", _CLIENT_CERT_KEYS)
+    if c is None:
+        return None
+    if c.has("secretRef"):
+        raise Invalid(
+            c.at("secretRef"),
+            "client certificates from Secrets are not supported yet; mount the Secret into the ksproxy pod"
+            " and set certFile and keyFile to its tls.crt and tls.key",
+        )
+    certFile = c.string("certFile", required=True)
+    keyFile = c.string("keyFile", required=True)
+    assert certFile is not None and keyFile is not None
+    for key, value in (("certFile", certFile), ("keyFile", keyFile)):
+        if not value.startswith("/") or "\0" in value:
+            raise Invalid(c.at(key), f"{value!r} must be an absolute file path")
+    return ClientCertificate(certFile=certFile, keyFile=keyFile)
 
 
 def _parseURL(ctx: Context, field: str, value: str, *, keepQuery: bool) -> Tuple[str, str, int, str]:

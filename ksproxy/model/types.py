@@ -23,6 +23,7 @@ __all__ = [
     "KINDS",
     "ObjectMeta",
     "TLSSettings",
+    "ClientCertificate",
     "Endpoint",
     "HealthCheck",
     "Matcher",
@@ -81,15 +82,33 @@ class TLSSettings:
     # Parsed and validated PEM bytes of one or more CA certificates, or None for the system trust store.
     caBundle: Optional[bytes] = None
     insecureSkipVerify: bool = False
+    # mTLS: the certificate ksproxy presents to the upstream (an extension field, see ClientCertificate).
+    clientCertificate: Optional[ClientCertificate] = None
 
     @property
     def fingerprint(self) -> str:
         """Short stable identifier for logs and metric labels."""
         if self.insecureSkipVerify:
-            return "insecure"
-        if self.caBundle is None:
-            return "system"
-        return "ca-" + hashlib.sha256(self.caBundle).hexdigest()[:12]
+            base = "insecure"
+        elif self.caBundle is None:
+            base = "system"
+        else:
+            base = "ca-" + hashlib.sha256(self.caBundle).hexdigest()[:12]
+        if self.clientCertificate is not None:
+            base += "+client-" + hashlib.sha256(repr(self.clientCertificate).encode()).hexdigest()[:8]
+        return base
+
+
+@attrs.frozen
+class ClientCertificate:
+    """
+    A client certificate for upstream mTLS (extension field C{clientCertificate: {certFile, keyFile}} of an
+    Endpoint).  The files are PEM (the certificate file may hold the chain after the leaf) and are read when
+    connections are made, so rotated files take effect without a restart.
+    """
+
+    certFile: str
+    keyFile: str
 
 
 @attrs.frozen
