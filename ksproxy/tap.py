@@ -71,6 +71,7 @@ class RunOptions(AuthOptionsMixin, usage.Options):
         ["drain-grace", None, "25s", "On SIGTERM: how long in-flight requests may take to finish."],
         ["max-header-bytes", None, "65536", "Largest request header block (431 above)."],
         ["max-url-bytes", None, "16384", "Longest request target (414 above)."],
+        ["log-format", None, "text", "text, or json (one JSON object per line)."],
         ["workers", None, "1", "Worker processes sharing the tcp: listeners; 1 = this process serves."],
         ["worker-index", None, None, "(internal) set by the supervisor on each worker process."],
     ]
@@ -128,6 +129,8 @@ class RunOptions(AuthOptionsMixin, usage.Options):
                 self[name] = int(self[name])
             except ValueError:
                 raise usage.UsageError(f"--{name} must be a whole number of bytes") from None
+        if self["log-format"] not in ("text", "json"):
+            raise usage.UsageError("--log-format takes text or json")
         if self["workers"] < 1:
             raise usage.UsageError("--workers must be at least 1")
         if self["workers"] > 1 or self["worker-index"] is not None:
@@ -211,6 +214,26 @@ class ProxyListeners(service.MultiService):
                 proto.transport.abortConnection()
 
 
+class GatewayService(SequentialMultiService):
+    """
+    The top of the tree.  With C{jsonLogs} it gives twistd's application a JSON log observer: twistd builds the
+    service before it starts logging, and uses the application's L{ILogObserver} component when there is one.
+    """
+
+    def __init__(self, jsonLogs: bool = False) -> None:
+        super().__init__()
+        self.jsonLogs = jsonLogs
+
+    def setServiceParent(self, parent) -> None:  # type: ignore[no-untyped-def]
+        if self.jsonLogs and hasattr(parent, "setComponent"):
+            from twisted.logger import ILogObserver
+
+            from .logfmt import jsonLogObserver
+
+            parent.setComponent(ILogObserver, jsonLogObserver())
+        super().setServiceParent(parent)
+
+
 class _Cleanup(service.Service):
     """At the very end of a stop: health checkers, bundle fetches and idle upstream connections."""
 
@@ -245,7 +268,7 @@ def makeRunService(config: RunOptions, reactor) -> service.MultiService:
 
     # Started in the order added; stopped in reverse, one after another: the listeners drain first, then the
     # status writer and the source stop, then the admin listener, and last the pools, checkers and fetches.
-    top = SequentialMultiService()
+    top = GatewayService(jsonLogs=config["log-format"] == "json")
     workerIndex = config["worker-index"]
     if config["workers"] > 1 and workerIndex is None:
         # Grace for the workers: their own drain, plus a little to exit.

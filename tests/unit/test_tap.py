@@ -1,0 +1,76 @@
+"""
+The twistd plugin's options and service tree: real option lists parsed, the tree inspected (no reactor run).
+"""
+
+from __future__ import annotations
+
+from twisted.application import service
+from twisted.internet.task import Clock
+from twisted.logger import ILogObserver
+from twisted.python import usage
+from twisted.trial.unittest import SynchronousTestCase
+
+from ksproxy.logfmt import JSONLineObserver
+from ksproxy.tap import Options, ProxyListeners, makeService
+
+
+def parse(*args: str) -> Options:
+    options = Options()
+    options.parseOptions(list(args))
+    return options
+
+
+class OptionsTests(SynchronousTestCase):
+    def test_defaults(self) -> None:
+        run = parse("run", "--source", "dir:examples").subOptions
+        self.assertEqual(run["listen"], ["tcp:8080"])
+        self.assertEqual(run["admin-listen"], "tcp:9090:interface=127.0.0.1")
+        self.assertEqual(run["drain-grace"], 25.0)
+        self.assertEqual(run["idle-timeout"], 900.0)
+
+    def test_repeatableListen(self) -> None:
+        run = parse("run", "--source", "dir:x", "--listen", "tcp:1", "--listen", "unix:/tmp/s").subOptions
+        self.assertEqual(run["listen"], ["tcp:1", "unix:/tmp/s"])
+
+    def test_refusals(self) -> None:
+        for args, fragment in [
+            (["run"], "--source is required"),
+            (["run", "--source", "ftp:x"], "expected dir:PATH"),
+            (["run", "--source", "dir:x", "--state-gate", "other"], "kubesphere"),
+            (["run", "--source", "dir:x", "--manage-state"], "needs --source kubernetes"),
+            (["run", "--source", "kubernetes", "--manage-state", "--state-gate", "kubesphere"], "exclude each other"),
+            (["run", "--source", "dir:x", "--idle-timeout", "soon"], "duration"),
+            (["run", "--source", "dir:x", "--workers", "2", "--listen", "unix:/tmp/s"], "tcp: listeners only"),
+            (["run", "--source", "dir:x", "--default-upstream", "ftp://k"], "--default-upstream"),
+            (["run", "--source", "dir:x", "--log-format", "xml"], "text or json"),
+            ([], "subcommand"),
+        ]:
+            with self.assertRaises(usage.UsageError) as caught:
+                parse(*args)
+            self.assertIn(fragment, str(caught.exception), args)
+
+
+class ServiceTreeTests(SynchronousTestCase):
+    def test_tree(self) -> None:
+        top = makeService(parse("run", "--source", "dir:/nonexistent", "--listen", "tcp:0"), Clock())
+        kinds = [type(child).__name__ for child in top]
+        # Stopped in reverse: the listeners drain before the source, the admin listener and the cleanup stop.
+        self.assertEqual(kinds, ["_Cleanup", "StreamServerEndpointService", "FileSource", "ProxyListeners"])
+        listeners = [c for c in top if isinstance(c, ProxyListeners)][0]
+        self.assertEqual(len(list(listeners)), 1)
+
+    def test_noAdmin(self) -> None:
+        top = makeService(parse("run", "--source", "dir:/x", "--admin-listen", "none"), Clock())
+        self.assertNotIn("StreamServerEndpointService", [type(c).__name__ for c in top])
+
+    def test_jsonLogs(self) -> None:
+        top = makeService(parse("run", "--source", "dir:/x", "--log-format", "json"), Clock())
+        application = service.Application("ksproxy")
+        top.setServiceParent(application)
+        self.assertIsInstance(application.getComponent(ILogObserver), JSONLineObserver)
+
+    def test_textLogsLeaveTwistdAlone(self) -> None:
+        top = makeService(parse("run", "--source", "dir:/x"), Clock())
+        application = service.Application("ksproxy")
+        top.setServiceParent(application)
+        self.assertIsNone(application.getComponent(ILogObserver, None))
