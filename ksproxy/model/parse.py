@@ -73,6 +73,7 @@ from ksproxy.model.types import (
     ReverseProxy,
     SecretSource,
     TLSSettings,
+    UpstreamTimeouts,
 )
 
 __all__ = ["ParseResult", "parseResource", "parseDuration", "decodeBase64Pem", "LABEL_EXTENSION_REF"]
@@ -101,10 +102,11 @@ _ENDPOINT_KEYS = ("url", "service", "caBundle", "insecureSkipVerify", "insecureS
 _CLIENT_CERT_KEYS = ("certFile", "keyFile", "secretRef")
 _SERVICE_KEYS = ("namespace", "name", "port", "path", "scheme")
 _HEALTH_KEYS = ("url", "interval", "timeout", "status", "rise", "fall")
-_APISERVICE_KEYS = ("group", "version", "nonResourceURLs", "endpoint", "healthCheck") + _ENDPOINT_KEYS
+_TIMEOUT_KEYS = ("connect", "responseHeader", "idle", "tunnelIdle")
+_APISERVICE_KEYS = ("group", "version", "nonResourceURLs", "endpoint", "healthCheck", "timeouts") + _ENDPOINT_KEYS
 _PROXY_KEYS = ("matcher", "upstream", "directives", "rewrite", "header", "healthCheck")
 _PROXY_IGNORED = ("enabled",)  # an early 4.x ReverseProxySpec field
-_UPSTREAM_KEYS = _ENDPOINT_KEYS + ("backend", "caBudle", "healthCheck", "prependPath")
+_UPSTREAM_KEYS = _ENDPOINT_KEYS + ("backend", "caBudle", "healthCheck", "prependPath", "timeouts")
 _DIRECTIVE_KEYS = (
     "method",
     "stripPathPrefix",
@@ -534,6 +536,14 @@ def _healthCheck(ctx: Context, h: Optional[Fields]) -> Optional[HealthCheck]:
     )
 
 
+def _timeouts(t: Optional[Fields]) -> Optional[UpstreamTimeouts]:
+    """Per-upstream timeout overrides (ksproxy extension): Go durations, each optional."""
+    if t is None:
+        return None
+    values = {key: (_duration(t, key, 0.0) if t.has(key) else None) for key in _TIMEOUT_KEYS}
+    return UpstreamTimeouts(**values)
+
+
 # -- APIService ---------------------------------------------------------------------------------------------
 
 
@@ -564,6 +574,7 @@ def _apiService(ctx: Context, top: Fields, meta: ObjectMeta, state: Optional[str
         nonResourceURLs=tuple(urls),
         healthCheck=healthCheck,
         state=state,
+        timeouts=_timeouts(spec.mapping("timeouts", _TIMEOUT_KEYS)),
     )
 
 
@@ -602,6 +613,7 @@ def _reverseProxy(ctx: Context, top: Fields, meta: ObjectMeta, state: Optional[s
         healthCheck=healthCheck,
         upstreamPathPrefix=prepend,
         state=state,
+        timeouts=_timeouts(upstream.mapping("timeouts", _TIMEOUT_KEYS)),
     )
 
 

@@ -26,6 +26,7 @@ __all__ = [
     "ClientCertificate",
     "Endpoint",
     "HealthCheck",
+    "UpstreamTimeouts",
     "Matcher",
     "Template",
     "HeaderRule",
@@ -156,6 +157,16 @@ class HealthCheck:
 
 
 @attrs.frozen
+class UpstreamTimeouts:
+    """Per-upstream overrides of the gateway's timeouts, in seconds (None: the gateway's default)."""
+
+    connect: Optional[float] = None
+    responseHeader: Optional[float] = None
+    idle: Optional[float] = None
+    tunnelIdle: Optional[float] = None
+
+
+@attrs.frozen
 class Matcher:
     """One path/method matcher, as written (the pattern is compiled by L{ksproxy.paths})."""
 
@@ -234,6 +245,7 @@ class APIService:
     nonResourceURLs: Tuple[str, ...] = ()
     healthCheck: Optional[HealthCheck] = None
     state: Optional[str] = None  # status.state as written (status.enabled: false -> "Disabled")
+    timeouts: Optional[UpstreamTimeouts] = None  # spec.timeouts
 
     kind = KIND_APISERVICE
 
@@ -249,6 +261,7 @@ class ReverseProxy:
     # (field spec.upstream.prependPath, our extension: SPEC 1.1 asks for an explicit switch).
     upstreamPathPrefix: bool = False
     state: Optional[str] = None
+    timeouts: Optional[UpstreamTimeouts] = None  # spec.upstream.timeouts
 
     kind = KIND_REVERSEPROXY
 

@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import NameOID
+from twisted.trial.unittest import SynchronousTestCase
 
 from ksproxy.model import parse as parseModule
 from ksproxy.model.parse import ParseResult, decodeBase64Pem, parseDuration, parseResource
@@ -34,6 +35,7 @@ from ksproxy.model.types import (
     ReverseProxy,
     SecretSource,
     TLSSettings,
+    UpstreamTimeouts,
 )
 
 
@@ -1361,3 +1363,34 @@ def test_recursiveStructureDoesNotEscape() -> None:
 def test_publicNames() -> None:
     assert parseModule.parseDuration is parseDuration
     assert set(parseModule.__all__) >= {"ParseResult", "parseResource", "parseDuration", "decodeBase64Pem"}
+
+
+class TimeoutOverrideTests(SynchronousTestCase):
+    """Per-upstream timeout overrides (ksproxy extension): spec.upstream.timeouts / APIService spec.timeouts."""
+
+    def _rp(self, timeouts):  # type: ignore[no-untyped-def]
+        return {
+            "apiVersion": "extensions.kubesphere.io/v1alpha1",
+            "kind": "ReverseProxy",
+            "metadata": {"name": "t"},
+            "spec": {"matcher": {"path": "/t/*"}, "upstream": {"url": "http://u", "timeouts": timeouts}},
+        }
+
+    def test_parsed(self) -> None:
+        result = parseResource(self._rp({"connect": "2s", "idle": "1h"}))
+        self.assertEqual(result.obj.timeouts, UpstreamTimeouts(connect=2.0, idle=3600.0))
+
+    def test_apiService(self) -> None:
+        raw = {
+            "apiVersion": "extensions.kubesphere.io/v1alpha1",
+            "kind": "APIService",
+            "metadata": {"name": "v1.g.io"},
+            "spec": {"group": "g.io", "version": "v1", "url": "http://u", "timeouts": {"responseHeader": "90s"}},
+        }
+        self.assertEqual(parseResource(raw).obj.timeouts, UpstreamTimeouts(responseHeader=90.0))
+
+    def test_rejected(self) -> None:
+        for bad, field in [({"connect": "soon"}, "spec.upstream.timeouts.connect"), ({"idle": "-1s"}, "spec.upstream.timeouts.idle")]:
+            result = parseResource(self._rp(bad))
+            self.assertIsNone(result.obj)
+            self.assertEqual(result.rejection.field, field)
