@@ -9,6 +9,7 @@ The C{ksproxy} command: offline checks and a shortcut to run the gateway.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from typing import List, Optional, TextIO
 
@@ -22,12 +23,17 @@ def loadReport(path: str):  # type: ignore[no-untyped-def]
     from .proxy.dispatch import Gateway, ServedState
     from .reconcile import Reconciler
     from .routing import compileTable
-    from .sources.files import loadDirectory
+    from .sources.files import loadDirectory, loadFile
+    from .sources.inventory import SourceError
 
     clock = Clock()
     gateway = Gateway(clock, ServedState(compileTable((), generation=0).table, {}, 0, False), pool=None)  # type: ignore[arg-type]
     reconciler = Reconciler(clock, gateway)
-    docs, errors = loadDirectory(path)
+    if os.path.isfile(path):
+        loaded = loadFile(path)
+        docs, errors = loaded if loaded is not None else ([], [SourceError(path, f"{path}: cannot be read")])
+    else:
+        docs, errors = loadDirectory(path)
     reconciler.inventory.replaceAll(docs, errors)
     return reconciler.rebuild()
 
@@ -47,6 +53,11 @@ def check(path: str, out: TextIO) -> int:
     for _key, record in sorted(snap.records.items()):
         for warning in record.warnings:
             out.write(f"warning: {warning}\n")
+        for note in record.notes:
+            # Unknown fields are ignored when serving; a manifest check is where a typo should show.
+            out.write(f"note: {note}\n")
+    for name, why in sorted(report.refErrors.items()):
+        out.write(f"unresolved: JSBundle/{name}: {why} (fine if it exists in the cluster; served as 503 until then)\n")
     for skipped in snap.skipped:
         out.write(f"skipped: {skipped}\n")
     problems = _problems(report)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Optional
+from typing import Callable, Optional
 
 from twisted.application import service, strports
 from twisted.application.internet import StreamServerEndpointService
@@ -34,7 +34,7 @@ from .proxy.forward import Timeouts
 from .reconcile import Reconciler, statusInputs
 from .routing import compileTable
 from .services import SequentialMultiService
-from .workers import LISTEN_FDS, Supervisor, bindListening, inheritedEndpoint, workerArgv
+from .workers import LISTEN_FDS, ParentWatch, Supervisor, bindListening, inheritedEndpoint, workerArgv
 
 __all__ = ["Options", "RunOptions", "makeService"]
 
@@ -193,15 +193,33 @@ class ProxyListeners(service.MultiService):
     seconds, then cut what is left (SPEC 10).
     """
 
-    def __init__(self, factory: HTTPServerFactory, clock, grace: float) -> None:
+    def __init__(
+        self,
+        factory: HTTPServerFactory,
+        clock,
+        grace: float,
+        startWhen: Optional[Callable[[], defer.Deferred]] = None,
+    ) -> None:
         super().__init__()
         self.factory = factory
         self.clock = clock
         self.grace = grace
+        # With --workers the sockets are already bound: a worker starts accepting only once its table is
+        # live, so a connection never reaches a worker that would answer 404 for a route it has not loaded.
+        self.startWhen = startWhen
+
+    def startService(self) -> None:
+        if self.startWhen is None:
+            super().startService()
+            return
+        service.Service.startService(self)
+        self.startWhen().addCallback(lambda _: self.running and [child.startService() for child in self])
 
     @defer.inlineCallbacks
     def stopService(self):  # type: ignore[no-untyped-def]
-        yield super().stopService()  # closes the listening ports
+        service.Service.stopService(self)
+        # Close the listening ports (those that were started).
+        yield defer.DeferredList([defer.maybeDeferred(c.stopService) for c in list(self) if c.running])
         factory = self.factory
         factory.drain()
         deadline = self.clock.seconds() + self.grace
@@ -275,7 +293,7 @@ def makeRunService(config: RunOptions, reactor) -> service.MultiService:
         try:
             listening = [bindListening(endpoint) for endpoint in config["listen"]]
         except (OSError, ValueError) as e:
-            raise usage.UsageError(f"--listen: {e}") from None
+            raise SystemExit(f"ksproxy: cannot listen: {e}") from None
         Supervisor(
             reactor, workerArgv(config.argv), config["workers"], config["drain-grace"] + 5, listening
         ).setServiceParent(top)
@@ -348,8 +366,11 @@ def makeRunService(config: RunOptions, reactor) -> service.MultiService:
         keepAliveTimeout=config["keepalive-timeout"],
     )
     factory = HTTPServerFactory(gateway, reactor, limits, AccessLog(reactor, enabled=not config["no-access-log"]))
-    listeners = ProxyListeners(factory, reactor, config["drain-grace"])
+    listeners = ProxyListeners(
+        factory, reactor, config["drain-grace"], reconciler.whenReady if workerIndex is not None else None
+    )
     if workerIndex is not None:
+        ParentWatch(reactor).setServiceParent(top)
         for fd in os.environ.get(LISTEN_FDS, "").split(","):
             StreamServerEndpointService(inheritedEndpoint(reactor, int(fd)), factory).setServiceParent(listeners)
     else:

@@ -300,11 +300,6 @@ class Inventory:
         directory named by one) and that are not in C{docs} are kept, still serving their last good version.
         """
         errorList = list(errors)
-        failed = [e.origin.rstrip("/") or "/" for e in errorList]
-
-        def held(origin: str) -> bool:
-            path = originPath(origin)
-            return any(path == f or path.startswith(f + "/") or f == "/" for f in failed)
 
         cache: Dict[bytes, ParseResult] = {}
         entries: Dict[ObjectKey, _Entry] = {}
@@ -350,6 +345,14 @@ class Inventory:
                 )
                 continue
             entries[objectKey] = _newEntry(doc.origin, key, result, self._entries.get(objectKey), raw)
+
+        # Computed after the documents: a document found unusable above (no name, say) also holds its file's
+        # objects, so a file cut short in the middle of a save never removes what it served.
+        failed = [originPath(e.origin).rstrip("/") or "/" for e in errorList]
+
+        def held(origin: str) -> bool:
+            path = originPath(origin)
+            return any(path == f or path.startswith(f + "/") or f == "/" for f in failed)
 
         for objectKey, entry in self._entries.items():
             if objectKey not in entries and held(entry.origin):

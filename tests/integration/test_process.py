@@ -132,3 +132,31 @@ def _children(pid: int) -> list:
         if int(fields[1]) == pid and fields[0] != "Z":
             out.append(int(entry))
     return sorted(out)
+
+
+def test_workersStopWhenTheSupervisorIsKilled(demoUpstream) -> None:  # type: ignore[no-untyped-def]
+    port = _freePort()
+    proc = _start(
+        [sys.executable, "-m", "ksproxy.cli", "run", "--listen", f"tcp:{port}:interface=127.0.0.1",
+         "--admin-listen", "none", "--source", f"dir:{demoUpstream}", "--workers", "2", "--no-access-log",
+         "--drain-grace", "1s"]
+    )
+    try:
+        _waitFor(lambda: _get(f"http://127.0.0.1:{port}/proxy/demo/x")[0] == 200)
+        workers = _children(proc.pid)
+        assert len(workers) == 2
+        proc.kill()
+        proc.wait(10)
+        # Orphaned workers notice within a second or two and stop serving the unsupervised port.
+        _waitFor(lambda: not any(os.path.exists(f"/proc/{w}") and _state(w) != "Z" for w in workers))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def _state(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "Z"

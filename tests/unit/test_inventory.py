@@ -493,3 +493,23 @@ class ReplaceKindTests(SynchronousTestCase):
         inv.upsert(cm)
         inv.replaceKind("ConfigMap", [])
         self.assertNotIn(("ConfigMap", "n", "cm"), inv.snapshot().refs)
+
+
+class TruncatedFileTests(SynchronousTestCase):
+    """A file cut short mid-save can still be valid YAML; a document left without its name holds the file."""
+
+    def test_namelessDocumentHoldsTheFile(self) -> None:
+        inv = Inventory(onChange=lambda: None)
+        good = {
+            "apiVersion": "extensions.kubesphere.io/v1alpha1",
+            "kind": "ReverseProxy",
+            "metadata": {"name": "demo"},
+            "spec": {"matcher": {"path": "/d/*"}, "upstream": {"url": "http://u"}},
+        }
+        inv.replaceAll([SourceDocument("/m/rp.yaml#1", good)], [])
+        truncated = {"apiVersion": "extensions.kubesphere.io/v1alpha1", "kind": "ReverseProxy"}
+        inv.replaceAll([SourceDocument("/m/rp.yaml#1", truncated)], [])
+        snap = inv.snapshot()
+        self.assertEqual([r.meta.name for r in snap.resources], ["demo"])
+        self.assertTrue(snap.records[("ReverseProxy", "demo")].stale)
+        self.assertTrue(snap.sourceErrors)

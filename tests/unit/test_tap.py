@@ -74,3 +74,47 @@ class ServiceTreeTests(SynchronousTestCase):
         application = service.Application("ksproxy")
         top.setServiceParent(application)
         self.assertIsNone(application.getComponent(ILogObserver, None))
+
+
+class PackagingTests(SynchronousTestCase):
+    """An installed ksproxy must carry its twistd plugins (twisted/plugins has no __init__.py, on purpose)."""
+
+    def test_pluginsArePackaged(self) -> None:
+        import configparser
+        import os
+
+        from setuptools import find_namespace_packages
+
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        cfg = configparser.ConfigParser()
+        cfg.read(os.path.join(root, "setup.cfg"))
+        self.assertEqual(cfg["options"]["packages"].strip(), "find_namespace:")
+        include = cfg["options.packages.find"]["include"].split()
+        packages = find_namespace_packages(where=root, include=include)
+        self.assertIn("twisted.plugins", packages)
+        self.assertNotIn("twisted", packages)  # never shadow Twisted's own package
+        self.assertIn("ksproxy.http", packages)
+        self.assertTrue(os.path.exists(os.path.join(root, "twisted", "plugins", "ksproxy_plugin.py")))
+        self.assertFalse(os.path.exists(os.path.join(root, "twisted", "plugins", "__init__.py")))
+
+
+class ParentWatchTests(SynchronousTestCase):
+    def test_stopsWhenTheSupervisorIsGone(self) -> None:
+        import os
+
+        from ksproxy.workers import ParentWatch
+
+        class FakeReactor(Clock):
+            stopped = False
+
+            def stop(self) -> None:
+                self.stopped = True
+
+        reactor = FakeReactor()
+        watch = ParentWatch(reactor)
+        watch.startService()
+        reactor.advance(1.0)
+        self.assertFalse(reactor.stopped)
+        watch.supervisorPid = os.getppid() + 1  # as if we had been re-parented
+        reactor.advance(1.0)
+        self.assertTrue(reactor.stopped)

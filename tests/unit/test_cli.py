@@ -1,0 +1,65 @@
+"""`ksproxy check` and `ksproxy routes`: what an extension author runs before shipping manifests."""
+
+from __future__ import annotations
+
+import io
+import json
+
+from ksproxy.cli import check, routes
+
+GOOD = """
+apiVersion: extensions.kubesphere.io/v1alpha1
+kind: ReverseProxy
+metadata: {name: good}
+spec:
+  matcher: {path: /good/*}
+  upstream: {url: 'http://u'}
+  directives: {stripPathPrefx: /good}
+"""
+
+BAD = """
+apiVersion: extensions.kubesphere.io/v1alpha1
+kind: ReverseProxy
+metadata: {name: bad}
+spec:
+  matcher: {path: /bad/*}
+  upstream: {url: 'http://u', caBundle: 'bm90IGEgY2VydA=='}
+"""
+
+
+def run(command, path) -> tuple:  # type: ignore[no-untyped-def]
+    out = io.StringIO()
+    return command(str(path), out), out.getvalue()
+
+
+def test_goodFileAndTypoNote(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    f = tmp_path / "good.yaml"
+    f.write_text(GOOD)
+    code, text = run(check, f)  # a single file, not only a folder
+    assert code == 0
+    assert "spec.directives.stripPathPrefx: unknown field" in text
+    assert "1 resources accepted, 0 problems" in text
+
+
+def test_brokenManifestNamesTheField(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    (tmp_path / "bad.yaml").write_text(BAD)
+    (tmp_path / "good.yaml").write_text(GOOD)
+    code, text = run(check, tmp_path)
+    assert code == 1
+    assert "rejected: ReverseProxy/bad: spec.upstream.caBundle:" in text
+    assert "1 resources accepted, 1 problem\n" in text
+
+
+def test_syntaxErrorWithLine(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    (tmp_path / "broken.yaml").write_text("kind: ReverseProxy\nmetadata:\n  name: [unclosed\n")
+    code, text = run(check, tmp_path)
+    assert code == 1
+    assert "broken.yaml:" in text and "syntax:" in text
+
+
+def test_routesPrintsTheTable(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    (tmp_path / "good.yaml").write_text(GOOD)
+    code, text = run(routes, tmp_path)
+    assert code == 0
+    doc = json.loads(text)
+    assert [r["name"] for r in doc["routes"]] == ["good"]
