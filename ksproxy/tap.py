@@ -208,6 +208,12 @@ class ProxyListeners(service.MultiService):
         # live, so a connection never reaches a worker that would answer 404 for a route it has not loaded.
         self.startWhen = startWhen
 
+    def privilegedStartService(self) -> None:
+        # twistd binds ports here, before startService; with startWhen the (already bound) sockets are adopted
+        # in startService instead, once the table is live.
+        if self.startWhen is None:
+            super().privilegedStartService()
+
     def startService(self) -> None:
         if self.startWhen is None:
             super().startService()

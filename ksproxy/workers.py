@@ -26,6 +26,7 @@ __all__ = ["Supervisor", "bindListening", "inheritedEndpoint", "workerArgv", "LI
 
 # The environment variable that tells a worker which descriptors hold its --listen sockets, in order.
 LISTEN_FDS = "KSPROXY_LISTEN_FDS"
+SUPERVISOR_PID = "KSPROXY_SUPERVISOR_PID"
 _FIRST_FD = 3
 
 log = Logger()
@@ -111,7 +112,7 @@ class Supervisor(service.Service):
         for offset, sock in enumerate(self.listening):
             fds[_FIRST_FD + offset] = sock.fileno()
         inherited = ",".join(str(_FIRST_FD + i) for i in range(len(self.listening)))
-        env = dict(self.env, KSPROXY_WORKER=str(index), **{LISTEN_FDS: inherited})
+        env = dict(self.env, KSPROXY_WORKER=str(index), **{LISTEN_FDS: inherited, SUPERVISOR_PID: str(os.getpid())})
         self.transports[index] = self.reactor.spawnProcess(proto, argv[0], argv, env=env, childFDs=fds)
         self.workers[index] = proto
         log.info("started worker {index} (pid {pid})", index=index, pid=self.transports[index].pid)
@@ -167,14 +168,15 @@ class ParentWatch(service.Service):
         from twisted.internet.task import LoopingCall
 
         self.reactor = reactor
-        self.supervisorPid = os.getppid()
+        # From the supervisor itself: if it died before this worker got here, getppid() is already someone else.
+        self.supervisorPid = int(os.environ.get(SUPERVISOR_PID, os.getppid()))
         self._loop = LoopingCall(self._check)
         self._loop.clock = reactor
         self.interval = interval
 
     def startService(self) -> None:
         super().startService()
-        self._loop.start(self.interval, now=False)
+        self._loop.start(self.interval, now=True)
 
     def stopService(self) -> None:
         super().stopService()
@@ -185,7 +187,8 @@ class ParentWatch(service.Service):
         if os.getppid() != self.supervisorPid:
             log.warn("the supervisor (pid {pid}) is gone: stopping this worker", pid=self.supervisorPid)
             self._loop.stop()
-            self.reactor.stop()
+            # Also when the supervisor died while this worker was starting (before the reactor ran).
+            self.reactor.callWhenRunning(self.reactor.stop)
 
 
 def workerArgv(argv: List[str]) -> List[str]:

@@ -110,6 +110,9 @@ class ParentWatchTests(SynchronousTestCase):
             def stop(self) -> None:
                 self.stopped = True
 
+            def callWhenRunning(self, f) -> None:  # type: ignore[no-untyped-def]
+                f()
+
         reactor = FakeReactor()
         watch = ParentWatch(reactor)
         watch.startService()
@@ -118,3 +121,31 @@ class ParentWatchTests(SynchronousTestCase):
         watch.supervisorPid = os.getppid() + 1  # as if we had been re-parented
         reactor.advance(1.0)
         self.assertTrue(reactor.stopped)
+
+
+class ListenerGateTests(SynchronousTestCase):
+    """With --workers, a worker adopts the shared sockets only once its table is live (never a 404 for a route
+    it has not loaded yet)."""
+
+    def test_listensOnlyWhenReady(self) -> None:
+        from twisted.application.internet import StreamServerEndpointService
+        from twisted.internet import defer
+
+        from ksproxy.http.server import HTTPServerFactory
+
+        listened = []
+
+        class Endpoint:
+            def listen(self, factory):  # type: ignore[no-untyped-def]
+                listened.append(factory)
+                return defer.Deferred()
+
+        ready: defer.Deferred = defer.Deferred()
+        factory = HTTPServerFactory(handler=None, clock=Clock())  # type: ignore[arg-type]
+        listeners = ProxyListeners(factory, Clock(), 1.0, startWhen=lambda: ready)
+        StreamServerEndpointService(Endpoint(), factory).setServiceParent(listeners)
+        listeners.privilegedStartService()
+        listeners.startService()
+        self.assertEqual(listened, [])
+        ready.callback(None)
+        self.assertEqual(listened, [factory])
