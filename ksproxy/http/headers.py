@@ -25,6 +25,13 @@ class Headers:
     def __init__(self, pairs: Iterable[Tuple[bytes, bytes]] = ()) -> None:
         self.items: List[List[bytes]] = [[n.lower(), n, v] for n, v in pairs]
 
+    @classmethod
+    def fromItems(cls, items: List[List[bytes]]) -> Headers:
+        """Wrap C{[lowerName, name, value]} triples built by a parser (taken, not copied)."""
+        h = cls.__new__(cls)
+        h.items = items
+        return h
+
     def __repr__(self) -> str:
         return f"Headers({[(n, v) for _, n, v in self.items]!r})"
 

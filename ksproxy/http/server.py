@@ -16,11 +16,13 @@ Flow control, both ways:
 
 from __future__ import annotations
 
-from typing import Callable, List, Optional, Sequence, Tuple
+import socket
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 from typing import Protocol as TypingProtocol
 
 import attrs
 import httptools
+from twisted.internet import tcp
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
@@ -40,8 +42,121 @@ _PAUSE_PIPELINE = 2  # a pipelined request waits for the one before it to finish
 _PAUSE_TUNNEL = 4  # the tunnel peer is congested
 
 _JSON = b"application/json"
+_FRAMING = frozenset([b"host", b"transfer-encoding", b"content-length", b"expect"])
 # How long a closing TLS connection may wait for the client's close_notify.
 _TLS_CLOSE_GRACE = 5.0
+
+
+def directSocket(transport: object) -> Optional[socket.socket]:
+    """
+    The socket under a plain TCP transport, for L{sendNow}; None for anything else (TLS, test transports),
+    which then always goes through C{transport.write}.
+    """
+    if isinstance(transport, tcp.Connection) and not transport.TLS:
+        return transport.socket
+    return None
+
+
+def sendNow(transport: Any, sock: Optional[socket.socket], data: bytes) -> None:
+    """
+    Write C{data} on C{transport}, sending it on the socket at once when the transport has nothing buffered.
+
+    C{transport.write} only buffers: the bytes go out one reactor turn later, after registering the socket for
+    writability and before unregistering it again (two C{epoll.modify} and one more I/O event per write).
+    Sending at once is what C{doWrite} would have done; whatever the socket does not take goes to
+    C{transport.write}, so Twisted's buffer accounting (producer pause, close after flush) still sees it.
+    """
+    if (
+        sock is None
+        or transport._tempDataLen
+        or transport.dataBuffer
+        or transport.disconnecting
+        or not transport.connected
+        or transport._writeDisconnected
+    ):
+        transport.write(data)
+        return
+    try:
+        sent = sock.send(data)
+    except (BlockingIOError, InterruptedError):
+        sent = 0
+    except OSError:
+        # EPIPE, ECONNRESET...: let the transport find out in its own way (it reports the loss).
+        transport.write(data)
+        return
+    if sent < len(data):
+        transport.write(data[sent:])
+
+
+def sendSequenceNow(transport: Any, sock: Optional[socket.socket], chunks: List[bytes]) -> None:
+    """L{sendNow} for several buffers: one C{sendmsg} (gathered, not joined)."""
+    if (
+        sock is None
+        or transport._tempDataLen
+        or transport.dataBuffer
+        or transport.disconnecting
+        or not transport.connected
+        or transport._writeDisconnected
+    ):
+        transport.writeSequence(chunks)
+        return
+    try:
+        sent = sock.sendmsg(chunks)
+    except (BlockingIOError, InterruptedError):
+        sent = 0
+    except OSError:
+        transport.writeSequence(chunks)
+        return
+    rest = _unsent(chunks, sent)
+    if rest:
+        transport.writeSequence(rest)
+
+
+class _Outbox:
+    """
+    Bytes written on plain TCP connections during one reactor turn, sent at its end (one C{callLater(0)} for all
+    connections): each connection's writes of the turn go out in one C{sendmsg}, without the writability
+    registration C{transport.write} does, and the sends of a turn go out together, so the peers wake once for
+    all of them rather than once per send.
+    """
+
+    def __init__(self) -> None:
+        self.owners: List[Any] = []
+
+    def add(self, owner: Any, reactor: Any) -> None:
+        if not self.owners:
+            reactor.callLater(0, self.flush)
+        self.owners.append(owner)
+
+    def flush(self) -> None:
+        owners, self.owners = self.owners, []
+        for owner in owners:
+            owner._flushOut()
+
+
+outbox = _Outbox()
+
+
+def flushOut(owner: Any) -> None:
+    """Send what C{owner} (a protocol with C{_out}, C{_sock} and C{transport}) queued in this turn."""
+    out = owner._out
+    if out:
+        owner._out = []
+        if len(out) == 1:
+            sendNow(owner.transport, owner._sock, out[0])
+        elif len(out) > 64:
+            sendNow(owner.transport, owner._sock, b"".join(out))
+        else:
+            sendSequenceNow(owner.transport, owner._sock, out)
+
+
+def _unsent(chunks: List[bytes], sent: int) -> List[bytes]:
+    for i, chunk in enumerate(chunks):
+        n = len(chunk)
+        if sent < n:
+            return [chunk[sent:], *chunks[i + 1 :]] if sent else chunks[i:]
+        sent -= n
+    return []
 
 
 @attrs.frozen
@@ -117,6 +232,7 @@ class Exchange:
         "_finished",
         "_tunnel",
         "_continueSent",
+        "_pending",
     )
 
     def __init__(
@@ -159,6 +275,8 @@ class Exchange:
         self._finished = False
         self._tunnel: Optional[Callable[[bytes], None]] = None
         self._continueSent = False
+        # Response bytes held back while corked (see L{cork}); None when not corked.
+        self._pending: Optional[List[bytes]] = None
 
     # -- request side --------------------------------------------------------------------------------------
 
@@ -215,7 +333,7 @@ class Exchange:
         """Send C{100 Continue} (at most once, and only before the response head)."""
         if not self._continueSent and not self._headSent and self.version == b"1.1":
             self._continueSent = True
-            self.channel.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            self._send(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def _bodyData(self, data: bytes) -> None:
         if self._consumer is not None:
@@ -230,6 +348,31 @@ class Exchange:
             self._consumer.bodyEnd()
 
     # -- response side -------------------------------------------------------------------------------------
+
+    def cork(self) -> None:
+        """
+        Hold response bytes until L{uncork} (or L{finish}): a head and the body bytes that came with it go out
+        in one send instead of one per call.
+        """
+        if self._pending is None:
+            self._pending = []
+
+    def uncork(self) -> None:
+        """Send what L{cork} held, now."""
+        pending = self._pending
+        if pending is None:
+            return
+        self._pending = None
+        if not pending:
+            return
+        self.channel._writeOut(pending)
+
+    def _send(self, data: bytes) -> None:
+        pending = self._pending
+        if pending is not None:
+            pending.append(data)
+        else:
+            self.channel._writeOut([data])
 
     def writeHead(
         self,
@@ -281,18 +424,20 @@ class Exchange:
             elif self.version != b"1.1":
                 lines.append(b"Connection: keep-alive\r\n")
         lines.append(b"\r\n")
-        channel.transport.writeSequence(lines)
+        self._send(b"".join(lines))
 
     def write(self, data: bytes) -> None:
         if self._finished or self._noBody or not data:
             return
         self.bytesSent += len(data)
-        if self._tunnel is not None:
-            self.channel.transport.write(data)
-        elif self._chunked:
-            self.channel.transport.writeSequence([b"%x\r\n" % len(data), data, b"\r\n"])
+        if self._chunked and self._tunnel is None:
+            pending = self._pending
+            if pending is not None:
+                pending.extend((b"%x\r\n" % len(data), data, b"\r\n"))
+            else:
+                self.channel._writeOut([b"%x\r\n" % len(data), data, b"\r\n"])
         else:
-            self.channel.transport.write(data)
+            self._send(data)
 
     def finish(self, trailers: Optional[Sequence[Tuple[bytes, bytes]]] = None) -> None:
         """The response is complete."""
@@ -301,11 +446,10 @@ class Exchange:
         self._finished = True
         if self._chunked:
             if trailers:
-                self.channel.transport.writeSequence(
-                    [b"0\r\n"] + [b"%s: %s\r\n" % (n, v) for n, v in trailers] + [b"\r\n"]
-                )
+                self._send(b"".join([b"0\r\n", *[b"%s: %s\r\n" % (n, v) for n, v in trailers], b"\r\n"]))
             else:
-                self.channel.transport.write(b"0\r\n\r\n")
+                self._send(b"0\r\n\r\n")
+        self.uncork()
         self.channel._exchangeFinished(self)
 
     def abort(self) -> None:
@@ -314,6 +458,7 @@ class Exchange:
             return
         self._finished = True
         self.keepAlive = False
+        self._pending = None
         self.channel._exchangeFinished(self, aborted=True)
 
     def sendError(
@@ -324,6 +469,7 @@ class Exchange:
             self.abort()
             return
         body = statusBody(code, message, reason)
+        self.cork()
         self.writeHead(
             code, [(b"Content-Type", _JSON), (b"Cache-Control", b"no-store"), *extraHeaders], length=len(body)
         )
@@ -372,10 +518,12 @@ class HTTPServerProtocol(Protocol):
         self.clock = factory.clock
         self.peerHost = "-"
         self.secure = False
+        self._sock: Optional[socket.socket] = None  # for writing through (L{sendNow}); None on TLS
+        self._out: List[bytes] = []  # written in this reactor turn, sent at its end (L{_Outbox})
         self._parser = httptools.HttpRequestParser(self)
         self._url: List[bytes] = []
         self._urlLen = 0
-        self._headers: List[Tuple[bytes, bytes]] = []
+        self._headers: List[List[bytes]] = []  # Headers items: [lowerName, name, value]
         self._headerBytes = 0
         self._current: Optional[Exchange] = None  # the exchange whose response is being written
         self._parsing: Optional[Exchange] = None  # the exchange whose request is being parsed
@@ -384,7 +532,10 @@ class HTTPServerProtocol(Protocol):
         self._congested = False
         self._closing = False
         self._tunnelled: Optional[Exchange] = None
+        # One timer per connection for both the keep-alive and the header timeout (see L{_ensureTimer}).
         self._timer = None
+        self._idleSince = 0.0  # when the connection last became idle
+        self._headSince = 0.0  # when the request head being read began
         self._gone = False
         # A request head is being read: its bytes count against the limits before llhttp hands them over.
         self._inHead = False
@@ -405,16 +556,19 @@ class HTTPServerProtocol(Protocol):
             self.dataReceived = self._firstSecureData  # type: ignore[method-assign]
         transport.registerProducer(self, True)
         self._producing = True
+        self._sock = directSocket(transport)
         if hasattr(transport, "setTcpNoDelay"):
             try:
                 transport.setTcpNoDelay(True)
             except OSError:
                 pass
         self.factory._connectionMade(self)
-        self._armTimer(self.limits.keepAliveTimeout)
+        self._idleSince = self.clock.seconds()
+        self._ensureTimer(self._idleSince)
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self._gone = True
+        self._out = []
         self._cancelTimer()
         if self._linger is not None:
             self._linger.cancel()
@@ -455,6 +609,22 @@ class HTTPServerProtocol(Protocol):
     def stopProducing(self) -> None:
         pass
 
+    def _writeOut(self, chunks: List[bytes]) -> None:
+        """Response bytes: queued for the end of this reactor turn on plain TCP, written at once otherwise."""
+        if self._sock is None:
+            if len(chunks) == 1:
+                self.transport.write(chunks[0])
+            else:
+                self.transport.writeSequence(chunks)
+            return
+        out = self._out
+        if not out:
+            outbox.add(self, self.transport.reactor)
+        out.extend(chunks)
+
+    def _flushOut(self) -> None:
+        flushOut(self)
+
     def loseConnection(self) -> None:
         """
         Close after what is buffered has been written.  We unregister as the transport's producer first: a
@@ -462,6 +632,8 @@ class HTTPServerProtocol(Protocol):
         stay open for good.
         """
         transport = self.transport
+        self._cancelTimer()
+        flushOut(self)  # what this turn queued goes before the close
         if self._producing:
             self._producing = False
             transport.unregisterProducer()
@@ -473,6 +645,7 @@ class HTTPServerProtocol(Protocol):
     def _abortLingering(self) -> None:
         self._linger = None
         if not self._gone:
+            self._out = []  # queued bytes must not follow an abort
             self.transport.abortConnection()
 
     @property
@@ -541,6 +714,7 @@ class HTTPServerProtocol(Protocol):
             if current is self._parsing:
                 # Its own body is malformed while its response streams: cut both sides.
                 self._cancel(current)
+                self._out = []  # queued bytes must not follow an abort
                 self.transport.abortConnection()
             else:
                 # An earlier request is still being answered: let it finish; the connection closes after it.
@@ -549,6 +723,7 @@ class HTTPServerProtocol(Protocol):
         if current is not None:
             self._cancel(current)
         body = statusBody(code, message)
+        flushOut(self)
         self.transport.writeSequence(
             [
                 b"HTTP/1.1 %d %s\r\n" % (code, phrase(code)),
@@ -577,7 +752,8 @@ class HTTPServerProtocol(Protocol):
         self._inHead = True
         self._headSeen = -1
         if self._current is None:
-            self._armTimer(self.limits.headerTimeout)
+            # The connection's timer already fires no later than now + headerTimeout (see _ensureTimer).
+            self._headSince = self.clock.seconds()
 
     @property
     def _headBudget(self) -> int:
@@ -596,17 +772,32 @@ class HTTPServerProtocol(Protocol):
         if self._headerBytes > self.limits.maxHeaderBytes or len(self._headers) >= self.limits.maxHeaderCount:
             raise _BadRequest(431, "request headers too large")
         # llhttp keeps trailing whitespace of a value; RFC 9112 says it is not part of it.
-        self._headers.append((name, value.rstrip(b" \t")))
+        self._headers.append([name.lower(), name, value.rstrip(b" \t")])
 
     def on_headers_complete(self) -> None:
         self._inHead = False
         parser = self._parser
-        headers = Headers(self._headers)
+        items = self._headers
+        headers = Headers.fromItems(items)
         target = b"".join(self._url) if len(self._url) != 1 else self._url[0]
         version = parser.get_http_version().encode("ascii")
         method = parser.get_method()
-        te = headers.get(b"transfer-encoding")
-        hasBody = te is not None or (headers.get(b"content-length", b"0") not in (b"0", b""))
+        # One pass for the framing facts (not one scan per question).
+        te = cl = expect = None
+        hosts = 0
+        for lname, _, value in items:
+            if lname in _FRAMING:
+                if lname == b"host":
+                    hosts += 1
+                elif lname == b"transfer-encoding":
+                    if te is None:
+                        te = value
+                elif lname == b"content-length":
+                    if cl is None:
+                        cl = value
+                elif expect is None:
+                    expect = value
+        hasBody = te is not None or (cl is not None and cl not in (b"0", b""))
         upgrade = parser.should_upgrade()
         if upgrade and method == b"CONNECT":
             raise _BadRequest(405, "CONNECT is not supported")
@@ -615,9 +806,9 @@ class HTTPServerProtocol(Protocol):
         if te is not None and version != b"1.1":
             # RFC 9112 6.1: an HTTP/1.0 message with Transfer-Encoding has faulty framing.
             raise _BadRequest(400, "Transfer-Encoding in an HTTP/1.0 request")
-        if version == b"1.1" and b"host" not in headers:
+        if version == b"1.1" and not hosts:
             raise _BadRequest(400, "missing Host header")
-        if len(headers.getAll(b"host")) > 1:
+        if hosts > 1:
             raise _BadRequest(400, "more than one Host header")
         exchange = Exchange(
             self,
@@ -630,7 +821,6 @@ class HTTPServerProtocol(Protocol):
             hasBody,
             self.clock.seconds(),
         )
-        expect = headers.get(b"expect")
         if expect is not None:
             if expect.lower() != b"100-continue":
                 raise _BadRequest(417, "unsupported Expect value")
@@ -640,7 +830,7 @@ class HTTPServerProtocol(Protocol):
             exchange.keepAlive = False
         self._parsing = exchange
         if self._current is None:
-            self._cancelTimer()
+            # No timeout while the handler works: the timer, when it fires, finds the connection busy.
             self._current = exchange
             self._dispatch(exchange)
         else:
@@ -677,6 +867,7 @@ class HTTPServerProtocol(Protocol):
         self._current = None
         self._unpause(_PAUSE_BODY | _PAUSE_TUNNEL)
         if aborted:
+            self._out = []  # queued bytes must not follow an abort
             self.transport.abortConnection()
             return
         if not exchange.keepAlive or exchange._tunnel is not None or self._closing and not self._queue:
@@ -698,11 +889,14 @@ class HTTPServerProtocol(Protocol):
             self._unpause(_PAUSE_PIPELINE)
             if self.factory.draining:
                 self.loseConnection()
-            elif self._inHead:
-                # The next request's head is partly in: its clock runs from now.
-                self._armTimer(self.limits.headerTimeout)
             else:
-                self._armTimer(self.limits.keepAliveTimeout)
+                now = self.clock.seconds()
+                if self._inHead:
+                    # The next request's head is partly in: its clock runs from now.
+                    self._headSince = now
+                else:
+                    self._idleSince = now
+                self._ensureTimer(now)
 
     def _enterTunnel(self, exchange: Exchange) -> None:
         self._tunnelled = exchange
@@ -728,12 +922,22 @@ class HTTPServerProtocol(Protocol):
 
     # -- timers ---------------------------------------------------------------------------------------------
 
-    def _armTimer(self, delay: float) -> None:
+    # The keep-alive deadline (idle since + keepAliveTimeout) and the header deadline (head began + headerTimeout)
+    # share one DelayedCall that is never moved sooner (Twisted does that with a linear scan of its timer heap) and
+    # is not touched per request: whenever the connection is idle or reading a head, it fires no later than
+    # min(headerTimeout, keepAliveTimeout) after the last state change, so no deadline can pass unseen; when it
+    # fires early it re-arms for what is left.
+
+    def _ensureTimer(self, now: float) -> None:
+        limits = self.limits
+        latest = now + min(limits.headerTimeout, limits.keepAliveTimeout)
         timer = self._timer
-        if timer is not None and timer.active():
-            timer.reset(delay)
-        else:
-            self._timer = self.clock.callLater(delay, self._timedOut)
+        if timer is not None:
+            if timer.active() and timer.getTime() <= latest:
+                return
+            if timer.active():
+                timer.cancel()
+        self._timer = self.clock.callLater(latest - now, self._timedOut)
 
     def _cancelTimer(self) -> None:
         if self._timer is not None and self._timer.active():
@@ -742,7 +946,17 @@ class HTTPServerProtocol(Protocol):
 
     def _timedOut(self) -> None:
         self._timer = None
-        if self._current is not None:
+        if self._current is not None or self._gone:
+            return  # busy: re-armed when the exchange finishes
+        limits = self.limits
+        now = self.clock.seconds()
+        if self._inHead:
+            left = self._headSince + limits.headerTimeout - now
+        else:
+            # A head may begin at any moment: its deadline is at least headerTimeout away.
+            left = min(self._idleSince + limits.keepAliveTimeout - now, limits.headerTimeout)
+        if left > 1e-9:
+            self._timer = self.clock.callLater(left, self._timedOut)
             return
         if self._inHead:
             # Slow headers: tell the client why before closing.

@@ -19,11 +19,10 @@ from twisted.internet.endpoints import (
     HostnameEndpoint,
     TCP4ClientEndpoint,
     TCP6ClientEndpoint,
-    connectProtocol,
     wrapClientTLS,
 )
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IPushProducer, IStreamClientEndpoint
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.ssl import (
     Certificate,
     CertificateOptions,
@@ -36,6 +35,7 @@ from zope.interface import implementer
 
 from ..model.types import Endpoint, TLSSettings
 from .headers import Headers
+from .server import directSocket, flushOut, outbox
 
 __all__ = ["IResponseSink", "UpstreamConnection", "UpstreamPool", "tlsCreator"]
 
@@ -54,6 +54,9 @@ class IResponseSink(TypingProtocol):
     def upstreamLost(self, reason: Failure, gotHead: bool) -> None: ...
 
     def upstreamCongested(self, congested: bool) -> None: ...
+
+    def responseFlush(self) -> None:
+        """One read from the upstream has been parsed: send on what it produced."""
 
 
 class _StopParsing(Exception):
@@ -75,7 +78,7 @@ class UpstreamConnection(Protocol):
         self.requests = 0  # requests carried, for the stale-connection retry rule
         self.connected = False
         self._parser = httptools.HttpResponseParser(self)
-        self._headers: List[Tuple[bytes, bytes]] = []
+        self._headers: List[List[bytes]] = []  # Headers items: [lowerName, name, value]
         self._reason = b""
         self._gotHead = False
         self._inBody = False
@@ -84,7 +87,9 @@ class UpstreamConnection(Protocol):
         self._closeDelimited = False
         self._tunnel = False
         self._paused = False
-        self._idleTimer = None
+        self.idleSince = 0.0  # when it went back to the pool
+        self._sock = None  # for writing through (server.sendNow); None on TLS
+        self._out: List[bytes] = []  # written in this reactor turn, sent at its end (server._Outbox)
         self.lostReason: Optional[Failure] = None
 
     # -- lifecycle -----------------------------------------------------------------------------------------
@@ -92,6 +97,7 @@ class UpstreamConnection(Protocol):
     def connectionMade(self) -> None:
         self.connected = True
         self.transport.registerProducer(self, True)
+        self._sock = directSocket(self.transport)
         if hasattr(self.transport, "setTcpNoDelay"):
             try:
                 self.transport.setTcpNoDelay(True)
@@ -100,6 +106,7 @@ class UpstreamConnection(Protocol):
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self.connected = False
+        self._out = []
         self.lostReason = reason
         self.pool._lost(self)
         sink, self.sink = self.sink, None
@@ -119,19 +126,33 @@ class UpstreamConnection(Protocol):
         self._inBody = False
         self._headRequest = isHead
         self._trailers = None
-        self.pool._cancelIdle(self)
-        self.transport.write(head)
+        # (The pool's idle timer stays: it finds the connection busy when it fires.)
+        self._writeOut([head])
 
     def write(self, data: bytes) -> None:
-        self.transport.write(data)
+        self._writeOut([data])
 
     def writeSequence(self, data: List[bytes]) -> None:
-        self.transport.writeSequence(data)
+        self._writeOut(data)
+
+    def _writeOut(self, chunks: List[bytes]) -> None:
+        """Queued for the end of this reactor turn on plain TCP, written at once otherwise."""
+        if self._sock is None:
+            self.transport.writeSequence(chunks)
+            return
+        out = self._out
+        if not out:
+            outbox.add(self, self.transport.reactor)
+        out.extend(chunks)
+
+    def _flushOut(self) -> None:
+        flushOut(self)
 
     def abort(self) -> None:
         """Drop this connection (the exchange it carried failed or was abandoned)."""
         self.sink = None
         if self.connected:
+            self._out = []  # queued bytes must not follow an abort
             self.transport.abortConnection()
 
     def release(self) -> None:
@@ -168,14 +189,22 @@ class UpstreamConnection(Protocol):
     # -- reading -------------------------------------------------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:
+        sink = self.sink
         if self._tunnel:
-            if self.sink is not None:
-                self.sink.responseData(data)
+            if sink is not None:
+                sink.responseData(data)
             return
-        if self.sink is None:
+        if sink is None:
             # Bytes on an idle connection: the upstream is confused; do not reuse it.
+            self._out = []  # queued bytes must not follow an abort
             self.transport.abortConnection()
             return
+        try:
+            self._feed(data)
+        finally:
+            sink.responseFlush()
+
+    def _feed(self, data: bytes) -> None:
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
@@ -193,6 +222,7 @@ class UpstreamConnection(Protocol):
 
     def _fail(self, error: BaseException) -> None:
         sink, self.sink = self.sink, None
+        self._out = []  # queued bytes must not follow an abort
         self.transport.abortConnection()
         if sink is not None:
             sink.upstreamLost(Failure(error), self._gotHead)
@@ -221,12 +251,12 @@ class UpstreamConnection(Protocol):
                 self._trailers = []
             self._trailers.append((name, value.rstrip(b" \t")))
         else:
-            self._headers.append((name, value.rstrip(b" \t")))
+            self._headers.append([name.lower(), name, value.rstrip(b" \t")])
 
     def on_headers_complete(self) -> None:
         parser = self._parser
         code = parser.get_status_code()
-        headers = Headers(self._headers)
+        headers = Headers.fromItems(self._headers)
         if 100 <= code < 200 and code != 101:
             if self.sink is not None:
                 self.sink.responseHead(code, self._reason, headers, self)
@@ -317,8 +347,22 @@ def _close(conn: UpstreamConnection) -> None:
     transport = conn.transport
     if transport is None:
         return
+    flushOut(conn)
     transport.unregisterProducer()
     transport.loseConnection()
+
+
+class _OneShotFactory(Factory):
+    """C{connectProtocol}'s factory, without its two info-level log lines ("Starting/Stopping factory") per
+    connection."""
+
+    noisy = False
+
+    def __init__(self, protocol: UpstreamConnection) -> None:
+        self._protocol = protocol
+
+    def buildProtocol(self, addr: object) -> UpstreamConnection:
+        return self._protocol
 
 
 class UpstreamPool:
@@ -331,7 +375,7 @@ class UpstreamPool:
         self,
         reactor,
         *,
-        maxIdlePerKey: int = 32,
+        maxIdlePerKey: int = 256,
         idleTimeout: float = 60.0,
         connectTimeout: float = 10.0,
     ) -> None:
@@ -368,7 +412,7 @@ class UpstreamPool:
             ep = self._endpoints[key] = self._clientEndpoint(endpoint)
         if self.onConnect is not None:
             self.onConnect(endpoint)
-        d = connectProtocol(ep, conn)
+        d = ep.connect(_OneShotFactory(conn))
         self.active += 1
 
         def failed(f: Failure) -> Failure:
@@ -402,7 +446,11 @@ class UpstreamPool:
             _close(conn)
             return
         idle.append(conn)
-        self._timers[id(conn)] = self.reactor.callLater(self.idleTimeout, self._expire, conn)
+        conn.idleSince = self.reactor.seconds()
+        # One timer per connection, not one per request: a pending one fires no later than this deadline and
+        # re-arms (see _expire).
+        if id(conn) not in self._timers:
+            self._timers[id(conn)] = self.reactor.callLater(self.idleTimeout, self._expire, conn)
 
     def _cancelIdle(self, conn: UpstreamConnection) -> None:
         timer = self._timers.pop(id(conn), None)
@@ -413,6 +461,10 @@ class UpstreamPool:
         self._timers.pop(id(conn), None)
         idle = self._idle.get(conn.key)
         if idle and conn in idle:
+            left = conn.idleSince + self.idleTimeout - self.reactor.seconds()
+            if left > 1e-9:
+                self._timers[id(conn)] = self.reactor.callLater(left, self._expire, conn)
+                return
             idle.remove(conn)
             _close(conn)
 

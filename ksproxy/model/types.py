@@ -73,7 +73,7 @@ class ObjectMeta:
     labels: Mapping[str, str] = attrs.field(factory=dict, eq=False, hash=False)
 
 
-@attrs.frozen
+@attrs.frozen(cache_hash=True)  # hashed per request (pool and health keys)
 class TLSSettings:
     """
     How to talk TLS to an upstream.  Part of the upstream's identity: a change here is a new upstream (new pool,
@@ -112,7 +112,7 @@ class ClientCertificate:
     keyFile: str
 
 
-@attrs.frozen
+@attrs.frozen(cache_hash=True)  # hashed per request (pool and health keys)
 class Endpoint:
     """
     Where an upstream lives (SPEC 1.1), after C{url}/C{service} have been resolved.

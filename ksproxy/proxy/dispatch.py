@@ -23,13 +23,30 @@ from ..http.upstream import UpstreamPool
 from ..model.types import APIService, Endpoint, EndpointSource, JSBundle, ReverseProxy
 from ..paths import BadPath, RequestPath, parseTarget
 from ..routing import Route
-from .forward import ProxyCall, Timeouts, UpstreamRequest, stripHopByHop
+from .forward import HOP_BY_HOP, ProxyCall, Timeouts, UpstreamRequest, connectionNamed
 
 __all__ = ["Gateway", "ServedState"]
 
 log = Logger()
 
 _RETRY_AFTER = (b"Retry-After", b"5")
+
+_XFF = b"x-forwarded-for"
+_XFP = b"x-forwarded-proto"
+_XFH = b"x-forwarded-host"
+_FORWARDING = frozenset([_XFF, _XFP, _XFH, b"host"])
+
+# The Host header for each upstream, computed once (IDNA encoding is not free); bounded by a reset.
+_hostHeaders: dict = {}
+
+
+def _hostHeader(endpoint: Endpoint) -> bytes:
+    value = _hostHeaders.get(endpoint)
+    if value is None:
+        if len(_hostHeaders) > 50_000:
+            _hostHeaders.clear()
+        value = _hostHeaders[endpoint] = endpoint.hostport.encode("idna")
+    return value
 
 
 class ServedState:
@@ -181,6 +198,7 @@ class Gateway:
                 length = int(value)
             else:
                 framed.append((name, value))
+        exchange.cork()
         exchange.writeHead(code, framed, length=length, noBody=code == 304)
         exchange.write(body)
         exchange.finish()
@@ -197,22 +215,70 @@ class Gateway:
 
     def _forwardingHeaders(self, exchange: Exchange, endpoint: Endpoint) -> Tuple[Headers, Optional[bytes], bytes]:
         """Hop-by-hop removal, Host, X-Forwarded-*; returns the headers, the Upgrade value, the client's Host."""
+        # One pass to learn, one to rewrite: the result is what stripping hop-by-hop headers, adding the Upgrade
+        # pair and then setting X-Forwarded-For/-Proto/-Host and Host one by one would give (each set replaces
+        # the first occurrence in place, or appends), without a scan per step.
         headers = exchange.headers
-        upgrade = headers.get(b"upgrade") if exchange.upgrade else None
-        clientHost = headers.get(b"host") or b""
-        stripHopByHop(headers)
-        if upgrade is not None:
-            headers.add(b"Connection", b"Upgrade")
-            headers.add(b"Upgrade", upgrade)
+        items = headers.items
+        wantUpgrade = exchange.upgrade
+        upgrade = None
+        clientHost = None
+        named = None
+        for item in items:
+            lname = item[0]
+            if lname == b"host":
+                if clientHost is None:
+                    clientHost = item[2]
+            elif lname == b"connection":
+                named = connectionNamed(headers)
+            elif lname == b"upgrade" and wantUpgrade and upgrade is None:
+                upgrade = item[2]
+        clientHost = clientHost or b""
+        drop = HOP_BY_HOP | named if named else HOP_BY_HOP
         trusted = self._isTrusted(exchange.clientAddress)
-        xff = headers.get(b"x-forwarded-for")
         client = exchange.clientAddress.encode("latin-1")
-        headers.set(b"X-Forwarded-For", xff + b", " + client if xff else client)
-        if not (trusted and b"x-forwarded-proto" in headers):
-            headers.set(b"X-Forwarded-Proto", b"https" if exchange.secure else b"http")
-        if not (trusted and b"x-forwarded-host" in headers) and clientHost:
-            headers.set(b"X-Forwarded-Host", clientHost)
-        headers.set(b"Host", endpoint.hostport.encode("idna"))
+        seenXff = seenXfp = seenXfh = seenHost = False
+        out = []
+        for item in items:
+            lname = item[0]
+            if lname in drop:
+                continue
+            if lname in _FORWARDING:
+                if lname == _XFF:
+                    if seenXff:
+                        continue
+                    seenXff = True
+                    item = [_XFF, b"X-Forwarded-For", item[2] + b", " + client if item[2] else client]
+                elif lname == _XFP:
+                    if not trusted:
+                        if seenXfp:
+                            continue
+                        item = [_XFP, b"X-Forwarded-Proto", b"https" if exchange.secure else b"http"]
+                    seenXfp = True
+                elif lname == _XFH:
+                    if not trusted and clientHost:
+                        if seenXfh:
+                            continue
+                        item = [_XFH, b"X-Forwarded-Host", clientHost]
+                    seenXfh = True
+                else:
+                    if seenHost:
+                        continue
+                    seenHost = True
+                    item = [b"host", b"Host", _hostHeader(endpoint)]
+            out.append(item)
+        if upgrade is not None:
+            out.append([b"connection", b"Connection", b"Upgrade"])
+            out.append([b"upgrade", b"Upgrade", upgrade])
+        if not seenXff:
+            out.append([_XFF, b"X-Forwarded-For", client])
+        if not seenXfp:
+            out.append([_XFP, b"X-Forwarded-Proto", b"https" if exchange.secure else b"http"])
+        if not seenXfh and clientHost:
+            out.append([_XFH, b"X-Forwarded-Host", clientHost])
+        if not seenHost:
+            out.append([b"host", b"Host", _hostHeader(endpoint)])
+        headers.items = out
         return headers, upgrade, clientHost
 
     def _isTrusted(self, address: str) -> bool:

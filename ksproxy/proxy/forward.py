@@ -56,14 +56,33 @@ class Timeouts:
     tunnelIdle: Optional[float] = 3600.0
 
 
+# What a response head loses before it is relayed: hop-by-hop headers, and Content-Length (writeHead frames).
+_DROP_DOWN = HOP_BY_HOP | {b"content-length"}
+
+
+def _connectionTokens(value: bytes, named: Optional[set]) -> Optional[set]:
+    """Add the header names listed in one C{Connection} value to C{named} (created when needed)."""
+    for token in value.split(b","):
+        token = token.strip().lower()
+        if token:
+            if named is None:
+                named = set()
+            named.add(token)
+    return named
+
+
+def connectionNamed(headers: Headers) -> Optional[set]:
+    """The header names listed in C{Connection} (lower-case), or None when there are none."""
+    named = None
+    for item in headers.items:
+        if item[0] == b"connection":
+            named = _connectionTokens(item[2], named)
+    return named
+
+
 def stripHopByHop(headers: Headers) -> None:
     """Remove hop-by-hop headers and every header named in C{Connection} (RFC 9110 7.6.1)."""
-    named = set()
-    for value in headers.getAll(b"connection"):
-        for token in value.split(b","):
-            token = token.strip().lower()
-            if token:
-                named.add(token)
+    named = connectionNamed(headers)
     if named:
         headers.removeMany(HOP_BY_HOP | named)
     else:
@@ -103,6 +122,8 @@ class ProxyCall:
         "_headSent",
         "_retried",
         "_timer",
+        "_since",
+        "_limit",
         "_done",
         "_upstreamCongested",
         "_isHead",
@@ -130,6 +151,8 @@ class ProxyCall:
         self._headSent = False
         self._retried = False
         self._timer = None
+        self._since = 0.0  # the last activity, for the running limit
+        self._limit: Optional[float] = None  # the running limit (connect, response header, idle), or None
         self._done = False
         self._upstreamCongested = False
         self._isHead = request.method == b"HEAD"
@@ -213,7 +236,7 @@ class ProxyCall:
             conn.write(data)
         if self._timer is not None:
             # Bytes moving upward count as activity, before the response head and after it.
-            self._armTimer(self.timeouts.idle if self._headSent else self.timeouts.responseHeader)
+            self._since = self.clock.seconds()
 
     def bodyEnd(self) -> None:
         self._bodySent = True
@@ -241,17 +264,32 @@ class ProxyCall:
             self._startTunnel(reason, headers)
             return
         length: Optional[int] = None
-        cl = headers.get(b"content-length")
-        if cl is not None and b"transfer-encoding" not in headers:
+        # One pass for the framing facts, one to drop hop-by-hop headers and Content-Length (writeHead frames).
+        cl = None
+        te = False
+        named: Optional[set] = None
+        items = headers.items
+        for item in items:
+            lname = item[0]
+            if lname == b"content-length":
+                if cl is None:
+                    cl = item[2]
+            elif lname == b"transfer-encoding":
+                te = True
+            elif lname == b"connection":
+                named = _connectionTokens(item[2], named)
+        if cl is not None and not te:
             try:
                 length = int(cl)
             except ValueError:
                 self._error(502, "upstream sent an invalid Content-Length")
                 return
-        stripHopByHop(headers)
-        headers.remove(b"content-length")
+        drop = _DROP_DOWN | named if named else _DROP_DOWN
+        headers.items = [item for item in items if item[0] not in drop]
         if self.request.rewriteResponse is not None:
             self.request.rewriteResponse(headers)
+        # The body bytes of the same upstream read go out with the head (uncorked in responseFlush).
+        exchange.cork()
         exchange.writeHead(code, headers, reason=reason or None, length=length)
         self._armIdle()
 
@@ -272,14 +310,17 @@ class ProxyCall:
         if conn is not None and not self._done:
             conn.write(data)
             if self._timer is not None:
-                self._armTimer(self.timeouts.tunnelIdle)
+                self._since = self.clock.seconds()
 
     def responseData(self, data: bytes) -> None:
         if self._done:
             return
         self.exchange.write(data)
         if self._timer is not None:
-            self._armIdle()
+            self._since = self.clock.seconds()
+
+    def responseFlush(self) -> None:
+        self.exchange.uncork()
 
     def responseEnd(self, trailers: Optional[List[Tuple[bytes, bytes]]]) -> None:
         if self._done:
@@ -386,18 +427,29 @@ class ProxyCall:
     def _armIdle(self) -> None:
         self._armTimer(self.timeouts.tunnelIdle if self.exchange._tunnel is not None else self.timeouts.idle)
 
+    # One DelayedCall per call, never moved sooner unless a shorter limit starts (Twisted moves a call sooner
+    # with a linear scan of its heap) and never touched per chunk: activity only records the time, and a timer
+    # that fires before the deadline re-arms for what is left.
+
     def _armTimer(self, delay: Optional[float]) -> None:
+        """Start a new limit of C{delay} seconds from now (None: no limit)."""
         if delay is None:
             self._cancelTimer()
             return
+        now = self.clock.seconds()
+        self._since = now
+        self._limit = delay
         timer = self._timer
-        if timer is not None and timer.active():
-            timer.reset(delay)
-        else:
-            self._timer = self.clock.callLater(delay, self._timedOut)
+        if timer is not None:
+            if timer.active():
+                if timer.getTime() <= now + delay:
+                    return
+                timer.cancel()
+        self._timer = self.clock.callLater(delay, self._timedOut)
 
     def _cancelTimer(self) -> None:
         timer = self._timer
+        self._limit = None
         if timer is not None:
             if timer.active():
                 timer.cancel()
@@ -405,7 +457,11 @@ class ProxyCall:
 
     def _timedOut(self) -> None:
         self._timer = None
-        if self._done:
+        if self._done or self._limit is None:
+            return
+        left = self._since + self._limit - self.clock.seconds()
+        if left > 1e-9:
+            self._timer = self.clock.callLater(left, self._timedOut)
             return
         if self._connecting is not None:
             # Connect timeout: cancelling the attempt ends in _connectFailed with a TimeoutError (504).

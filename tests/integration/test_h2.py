@@ -298,7 +298,9 @@ class H2Tests(TestCase):
     @defer.inlineCallbacks
     def test_uploadFlowControl(self):  # type: ignore[no-untyped-def]
         """The upstream stops reading: ksproxy stops opening the stream's window, holding about one window."""
-        size = 4 << 20
+        # More than the kernel holds for the stalled upstream socket (send buffer up to tcp_wmem's 4 MiB here):
+        # ksproxy writes through to the socket, so its own buffer only fills once the kernel's is full.
+        size = 12 << 20
         sid = yield self.call(
             self.client.start, "PUT", RP + "slowread", ((b"content-length", b"%d" % size),), None, True
         )

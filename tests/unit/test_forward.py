@@ -173,8 +173,13 @@ class ConnectTests(ForwardTestCase):
         self.pool.refuse()
         self.assertStatus(502)
         self.assertIn(b"refused the connection", self.answered())
-        self.assertEqual(self.clock.getDelayedCalls()[0].getTime(), self.factory.limits.keepAliveTimeout)
-        self.assertEqual(len(self.clock.getDelayedCalls()), 1)  # only the keep-alive timer of the client
+        # Only the client's keep-alive timer is left (the connect timer is gone), and it keeps its limit.
+        [timer] = self.clock.getDelayedCalls()
+        self.assertEqual(timer.func, self.client.protocol._timedOut)
+        self.clock.advance(self.factory.limits.keepAliveTimeout - EPS)
+        self.assertFalse(self.client.closed)
+        self.clock.advance(2 * EPS)
+        self.assertTrue(self.client.closed)
 
     def test_clientGoneWhileConnectingCancelsTheAttempt(self) -> None:
         self.get()
