@@ -27,6 +27,7 @@ REASONS: Dict[int, str] = {
     502: "BadGateway",
     503: "ServiceUnavailable",
     504: "GatewayTimeout",
+    508: "LoopDetected",
 }
 
 PHRASES: Dict[int, bytes] = {
@@ -62,6 +63,7 @@ PHRASES: Dict[int, bytes] = {
     502: b"Bad Gateway",
     503: b"Service Unavailable",
     504: b"Gateway Timeout",
+    508: b"Loop Detected",
 }
 
 

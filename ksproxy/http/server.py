@@ -539,6 +539,7 @@ class HTTPServerProtocol(Protocol):
         self._gone = False
         # A request head is being read: its bytes count against the limits before llhttp hands them over.
         self._inHead = False
+        self._fresh = False
         self._headSeen = 0
         self._h2 = None  # the HTTP/2 connection, once ALPN chose h2
         self._producing = False  # registered as our transport's producer
@@ -564,6 +565,9 @@ class HTTPServerProtocol(Protocol):
                 pass
         self.factory._connectionMade(self)
         self._idleSince = self.clock.seconds()
+        # Until its first request begins, a connection has the header timeout, not the keep-alive one: a client
+        # that connects and says nothing holds a socket for headerTimeout at most (as nginx's client_header_timeout).
+        self._fresh = True
         self._ensureTimer(self._idleSince)
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
@@ -750,6 +754,7 @@ class HTTPServerProtocol(Protocol):
         self._headers = []
         self._headerBytes = 0
         self._inHead = True
+        self._fresh = False
         self._headSeen = -1
         if self._current is None:
             # The connection's timer already fires no later than now + headerTimeout (see _ensureTimer).
@@ -954,7 +959,8 @@ class HTTPServerProtocol(Protocol):
             left = self._headSince + limits.headerTimeout - now
         else:
             # A head may begin at any moment: its deadline is at least headerTimeout away.
-            left = min(self._idleSince + limits.keepAliveTimeout - now, limits.headerTimeout)
+            idleLimit = limits.headerTimeout if self._fresh else limits.keepAliveTimeout
+            left = min(self._idleSince + idleLimit - now, limits.headerTimeout)
         if left > 1e-9:
             self._timer = self.clock.callLater(left, self._timedOut)
             return

@@ -9,18 +9,27 @@ upstream request (directives, header rules, forwarding headers, identity) and ha
 from __future__ import annotations
 
 import ipaddress
-from typing import Callable, Optional, Sequence, Tuple
+import os
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
+import attrs
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
-from ..auth import ANONYMOUS, Decision, Identity, addIdentityHeaders, stripIdentityHeaders
+from ..auth import (
+    ANONYMOUS,
+    Decision,
+    Identity,
+    addIdentityHeaders,
+    stripIdentityHeaders,
+    stripImpersonationHeaders,
+)
 from ..bundles import BundleContent, bundleResponse
 from ..directives import RequestView, applyHeaderRules, applyRequestDirectives
 from ..http.headers import Headers
 from ..http.server import Exchange
 from ..http.upstream import UpstreamPool
-from ..model.types import APIService, Endpoint, EndpointSource, JSBundle, ReverseProxy
+from ..model.types import APIService, Endpoint, EndpointSource, JSBundle, ReverseProxy, UpstreamTimeouts
 from ..paths import BadPath, RequestPath, parseTarget
 from ..routing import Route
 from .forward import HOP_BY_HOP, ProxyCall, Timeouts, UpstreamRequest, connectionNamed
@@ -96,6 +105,10 @@ class Gateway:
         self.defaultUpstream = defaultUpstream
         self.defaultUpstreamHeaders = defaultUpstreamHeaders
         self._trusted = [ipaddress.ip_network(n, strict=False) for n in trustedProxies]
+        # Added to every forwarded request; seeing it come back means a route points at ksproxy itself.
+        self.viaToken = b"ksproxy-" + os.urandom(4).hex().encode("ascii")
+        self._via = b"1.1 " + self.viaToken
+        self._timeouts: Dict[UpstreamTimeouts, Timeouts] = {}
 
     # -- entry point ----------------------------------------------------------------------------------------
 
@@ -109,8 +122,16 @@ class Gateway:
             exchange.sendError(400, f"bad request path: {e}")
             return
         headers = exchange.headers
-        # SPEC 7.3: before anything else, so no rule or route ever sees a client's claim of identity.
+        # SPEC 7.3: before anything else, so no rule or route ever sees a client's claim of identity; the same
+        # for impersonation, which only ksproxy may ask of a kube-apiserver.
         stripIdentityHeaders(headers)
+        stripImpersonationHeaders(headers)
+        _dropUnderscoreNames(headers)
+        for via in headers.getAll(b"via"):
+            if self.viaToken in via:
+                exchange.discardBody()
+                exchange.sendError(508, "request loop: a route leads back to this ksproxy", reason="LoopDetected")
+                return
         route = state.table.lookup(exchange.method, path)
         if route is not None and route.kind == "bundle":
             self._serveBundle(exchange, state, route)
@@ -150,6 +171,10 @@ class Gateway:
                 self._forwardDefault(exchange, path, identity)
                 return
             exchange.discardBody()
+            if not self.state.ready:
+                # Starting: the table may not hold this route yet; "not found" would be a lie.
+                exchange.sendError(503, "ksproxy is starting: routes are not loaded yet", [_RETRY_AFTER])
+                return
             exchange.sendError(404, f"no route for {path.rawPath.decode('latin-1')}")
             return
         exchange.route = f"{route.kind}/{route.name}"
@@ -204,6 +229,16 @@ class Gateway:
         exchange.finish()
 
     # -- forwarding -----------------------------------------------------------------------------------------
+
+    def _timeoutsFor(self, overrides: Optional[UpstreamTimeouts]) -> Timeouts:
+        """The gateway's timeouts with a resource's per-upstream overrides (computed once per distinct value)."""
+        if overrides is None:
+            return self.timeouts
+        merged = self._timeouts.get(overrides)
+        if merged is None:
+            changes = {k: v for k, v in attrs.asdict(overrides).items() if v is not None}
+            merged = self._timeouts[overrides] = attrs.evolve(self.timeouts, **changes)
+        return merged
 
     def _upstreamDown(self, exchange: Exchange, endpoint: Endpoint) -> bool:
         health = self.health
@@ -312,8 +347,9 @@ class Gateway:
             def rewriteResponse(h: Headers) -> None:
                 applyHeaderRules(rules, h, view)
 
+        headers.add(b"Via", self._via)
         request = UpstreamRequest(endpoint, view.method, target, headers, rewriteResponse, upgrade)
-        ProxyCall(exchange, request, self.pool, self.clock, self.timeouts, self.health).start()
+        ProxyCall(exchange, request, self.pool, self.clock, self._timeoutsFor(rp.timeouts), self.health).start()
 
     def _forwardAPIService(self, exchange: Exchange, path: RequestPath, api: APIService, identity: Identity) -> None:
         endpoint = api.endpoint
@@ -322,8 +358,9 @@ class Gateway:
             return
         headers, upgrade, _ = self._forwardingHeaders(exchange, endpoint)
         addIdentityHeaders(headers, identity)
+        headers.add(b"Via", self._via)
         request = UpstreamRequest(endpoint, exchange.method, path.target, headers, None, upgrade)
-        ProxyCall(exchange, request, self.pool, self.clock, self.timeouts, self.health).start()
+        ProxyCall(exchange, request, self.pool, self.clock, self._timeoutsFor(api.timeouts), self.health).start()
 
     def _forwardDefault(self, exchange: Exchange, path: RequestPath, identity: Identity) -> None:
         endpoint = self.defaultUpstream
@@ -335,8 +372,21 @@ class Gateway:
         headers, upgrade, _ = self._forwardingHeaders(exchange, endpoint)
         if self.defaultUpstreamHeaders is not None:
             self.defaultUpstreamHeaders(headers, identity)
+        headers.add(b"Via", self._via)
         request = UpstreamRequest(endpoint, exchange.method, path.target, headers, None, upgrade)
         ProxyCall(exchange, request, self.pool, self.clock, self.timeouts, self.health).start()
+
+
+def _dropUnderscoreNames(headers: Headers) -> None:
+    """
+    Headers whose names hold "_" are dropped, as nginx does by default: CGI-style upstreams read
+    C{X_Remote_User} and C{X-Remote-User} as the same variable, which would smuggle identity past SPEC 7.3.
+    """
+    items = headers.items
+    for item in items:
+        if b"_" in item[0]:
+            headers.items = [i for i in items if b"_" not in i[0]]
+            return
 
 
 def _isKubeAPIPath(path: RequestPath) -> bool:

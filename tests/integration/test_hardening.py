@@ -417,8 +417,19 @@ class EngineLimitTests(SynchronousTestCase):
         self.clock.advance(10.1)
         self.assert408(transport)
 
-    def test_idleConnectionClosedQuietly(self) -> None:
+    def test_silentNewConnectionHasTheHeaderTimeout(self) -> None:
+        """A client that connects and says nothing holds the socket for the header timeout, not the keep-alive."""
         proto, transport = self.connect()
+        self.clock.advance(9.9)
+        self.assertFalse(transport.disconnecting)
+        self.clock.advance(0.2)
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(transport.value(), b"")
+
+    def test_idleKeepAliveClosedQuietly(self) -> None:
+        proto, transport = self.connect()
+        proto.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        transport.clear()
         self.clock.advance(99.9)
         self.assertFalse(transport.disconnecting)
         self.clock.advance(0.2)

@@ -99,3 +99,33 @@ class ReconcilerTests(SynchronousTestCase):
         self.assertIsNotNone(self.gateway.state.table.lookup(b"GET", parseTarget(b"/a/x")))
         record = reconciler.report.snapshot.records[("ReverseProxy", "a")]
         self.assertIn("spec.upstream.url", str(record.rejection))
+
+
+class GatewayStartupAndTimeoutTests(SynchronousTestCase):
+    def test_notReadyAnswers503(self) -> None:
+        from twisted.internet.testing import StringTransport
+
+        from ksproxy.http.server import HTTPServerFactory
+
+        clock = Clock()
+        gateway = Gateway(clock, ServedState(compileTable((), generation=0).table, {}, 0, False), None)  # type: ignore[arg-type]
+        proto = HTTPServerFactory(gateway, clock).buildProtocol(None)
+        transport = StringTransport()
+        proto.makeConnection(transport)
+        proto.dataReceived(b"GET /anything HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 503 "), transport.value()[:40])
+        self.assertIn(b"Retry-After: 5", transport.value())
+        gateway.state = ServedState(compileTable((), generation=1).table, {}, 1, True)
+        transport.clear()
+        proto.dataReceived(b"GET /anything HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 404 "), transport.value()[:40])
+
+    def test_perUpstreamTimeoutsMerge(self) -> None:
+        from ksproxy.model.types import UpstreamTimeouts
+        from ksproxy.proxy.forward import Timeouts
+
+        gateway = Gateway(Clock(), ServedState(None, {}, 0, True), None, timeouts=Timeouts(connect=10.0, idle=900.0))  # type: ignore[arg-type]
+        merged = gateway._timeoutsFor(UpstreamTimeouts(idle=5.0))
+        self.assertEqual((merged.connect, merged.idle), (10.0, 5.0))
+        self.assertIs(gateway._timeoutsFor(UpstreamTimeouts(idle=5.0)), merged)
+        self.assertIs(gateway._timeoutsFor(None), gateway.timeouts)
