@@ -59,6 +59,14 @@ class IResponseSink(TypingProtocol):
         """One read from the upstream has been parsed: send on what it produced."""
 
 
+# Larger response heads are refused (502): a client behind us would refuse them anyway, and we buffer heads.
+MAX_RESPONSE_HEAD = 256 * 1024
+
+
+class UpstreamResponseTooLarge(Exception):
+    """The upstream's response head exceeds L{MAX_RESPONSE_HEAD}."""
+
+
 class _StopParsing(Exception):
     """Raised from a parser callback to stop at the end of a HEAD response's headers."""
 
@@ -80,6 +88,7 @@ class UpstreamConnection(Protocol):
         self._parser = httptools.HttpResponseParser(self)
         self._headers: List[List[bytes]] = []  # Headers items: [lowerName, name, value]
         self._reason = b""
+        self._headBytes = 0
         self._gotHead = False
         self._inBody = False
         self._headRequest = False
@@ -240,11 +249,15 @@ class UpstreamConnection(Protocol):
     def on_message_begin(self) -> None:
         self._headers = []
         self._reason = b""
+        self._headBytes = 0
 
     def on_status(self, status: bytes) -> None:
         self._reason += status
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        self._headBytes += len(name) + len(value) + 4
+        if self._headBytes > MAX_RESPONSE_HEAD:
+            raise UpstreamResponseTooLarge(f"response headers larger than {MAX_RESPONSE_HEAD} bytes")
         if self._inBody:
             # After the body: trailers.
             if self._trailers is None:

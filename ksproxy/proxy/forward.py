@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import attrs
+import httptools
 from twisted.internet import defer
 from twisted.internet.error import ConnectError, ConnectionRefusedError, DNSLookupError, TimeoutError
 from twisted.logger import Logger
@@ -19,7 +20,7 @@ from twisted.python.failure import Failure
 
 from ..http.headers import Headers
 from ..http.server import Exchange
-from ..http.upstream import UpstreamConnection, UpstreamPool
+from ..http.upstream import UpstreamConnection, UpstreamPool, UpstreamResponseTooLarge
 from ..model.types import Endpoint
 
 __all__ = ["Timeouts", "HOP_BY_HOP", "UpstreamRequest", "ProxyCall", "stripHopByHop", "IDEMPOTENT"]
@@ -261,6 +262,10 @@ class ProxyCall:
             else:
                 self.health.passiveSuccess(self.request.endpoint.key)
         if code == 101:
+            if not exchange.upgrade:
+                # Switching protocols nobody asked for would hand the client a byte stream it cannot read.
+                self._error(502, f"upstream {self.request.endpoint.origin} switched protocols without an upgrade request")
+                return
             self._startTunnel(reason, headers)
             return
         length: Optional[int] = None
@@ -359,7 +364,11 @@ class ProxyCall:
                 return
             if self.health is not None:
                 self.health.passiveFailure(self.request.endpoint.key)
-            self._error(502, f"upstream {self.request.endpoint.origin} closed the connection without a response")
+            origin = self.request.endpoint.origin
+            if reason is not None and reason.check(httptools.HttpParserError, UpstreamResponseTooLarge):
+                self._error(502, f"upstream {origin} sent a malformed response: {reason.getErrorMessage()}")
+            else:
+                self._error(502, f"upstream {origin} closed the connection without a response")
             return
         # Mid-body: the client must see an incomplete response, never one that looks complete.
         self._done = True

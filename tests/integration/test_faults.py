@@ -16,6 +16,7 @@ from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
 from tests.integration.faulty import (
+    ScriptedProtocol,
     ScriptedUpstream,
     answerOK,
     closeIdleSoon,
@@ -351,3 +352,43 @@ class RebuildChurnTests(TestCase):
         self.assertTrue(all(c.running for c in health.checkers.values()))
         # Timers on the reactor: a few per checker and connection, not per rebuild.
         self.assertLess(len(reactor.getDelayedCalls()), 50)
+
+
+class BadResponseTests(TestCase):
+    """Upstream answers ksproxy refuses to relay: each a 502 that says why, never a broken client stream."""
+
+    @defer.inlineCallbacks
+    def setUp(self):  # type: ignore[no-untyped-def]
+        def reply(data: bytes):  # type: ignore[no-untyped-def]
+            def script(proto: ScriptedProtocol, head: bytes) -> None:
+                proto.transport.write(data)
+
+            return script
+
+        self.upstreams: Dict[str, ScriptedUpstream] = {
+            "garbage": ScriptedUpstream(reply(b"NOT HTTP AT ALL\r\n\r\n")),
+            "twocl": ScriptedUpstream(reply(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nok")),
+            "hugehead": ScriptedUpstream(reply(b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * 300_000 + b"\r\n\r\n")),
+            "switch": ScriptedUpstream(reply(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\nConnection: Upgrade\r\n\r\n")),
+        }
+        manifests = "".join(proxy(name, up.listen()) for name, up in self.upstreams.items())
+        self.gw = RunningGateway({"bad.yaml": manifests})
+        yield self.gw.start()
+
+    @defer.inlineCallbacks
+    def tearDown(self):  # type: ignore[no-untyped-def]
+        yield self.gw.stop()
+        for up in self.upstreams.values():
+            yield up.cleanup()
+
+    @defer.inlineCallbacks
+    def test_each(self):  # type: ignore[no-untyped-def]
+        for name, fragment in [
+            ("garbage", "malformed response"),
+            ("twocl", "malformed response"),
+            ("hugehead", "malformed response"),
+            ("switch", "switched protocols without an upgrade request"),
+        ]:
+            status, _, body = yield httpRequest(self.gw.port, "GET", f"/{name}/x")
+            self.assertEqual(status, 502, name)
+            self.assertIn(fragment, json.loads(body)["message"], name)
