@@ -289,7 +289,8 @@ class StatusWriter(service.Service):
                     kind=item.kind, name=item.name, delay=self.retryDelay, error=_describe(e),
                 )
                 self._pending.setdefault(item.key, item)
-                if self._timer is None or not self._timer.active():
+                # Not after a stop: a write that failed while we were stopping is retried by the next leader.
+                if self.running and (self._timer is None or not self._timer.active()):
                     self._timer = self.clock.callLater(self.retryDelay, self._timerFired)
                 return
             self.writes += 1

@@ -35,7 +35,7 @@ from zope.interface import implementer
 
 from ..model.types import Endpoint, TLSSettings
 from .headers import Headers
-from .server import directSocket, flushOut, outbox
+from .writes import BatchedWriter, directSocket, flushOut
 
 __all__ = ["IResponseSink", "UpstreamConnection", "UpstreamPool", "tlsCreator"]
 
@@ -72,7 +72,7 @@ class _StopParsing(Exception):
 
 
 @implementer(IPushProducer)
-class UpstreamConnection(Protocol):
+class UpstreamConnection(BatchedWriter, Protocol):
     """
     One connection to an upstream.  Also the streaming producer of its own transport (so we hear when the
     upstream stops reading our request body) and the producer the client side pauses when the client reads
@@ -144,18 +144,6 @@ class UpstreamConnection(Protocol):
     def writeSequence(self, data: List[bytes]) -> None:
         self._writeOut(data)
 
-    def _writeOut(self, chunks: List[bytes]) -> None:
-        """Queued for the end of this reactor turn on plain TCP, written at once otherwise."""
-        if self._sock is None:
-            self.transport.writeSequence(chunks)
-            return
-        out = self._out
-        if not out:
-            outbox.add(self, self.transport.reactor)
-        out.extend(chunks)
-
-    def _flushOut(self) -> None:
-        flushOut(self)
 
     def abort(self) -> None:
         """Drop this connection (the exchange it carried failed or was abandoned)."""

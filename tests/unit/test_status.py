@@ -624,6 +624,25 @@ class StatusWriterTests(SynchronousTestCase):
         self.assertEqual(w.writes, 1)
         self.flushLoggedErrors()
 
+    def test_failureWhileStoppingIsNotRetried(self) -> None:
+        """A write still in flight when the writer stops, and then failing, leaves no retry timer behind."""
+        calls: List[Any] = []
+
+        def runner(f: Any, *a: Any, **kw: Any) -> Any:
+            d: Any = defer.Deferred()
+            calls.append(d)
+            return d
+
+        w = StatusWriter(self.api, self.elector, clock=self.clock, runInThread=runner, retryDelay=5.0)
+        w.startService()
+        w.update([self.inp(self.put("b"), programmed=True)])
+        self.assertEqual(len(calls), 1)
+        stopping = w.stopService()
+        calls[0].errback(FakeApiException(500))
+        self.successResultOf(stopping)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.flushLoggedErrors()
+
     def test_manageStateWritesState(self) -> None:
         w = self.writer(manageState=True)
         w.update([self.inp(self.put("b"), programmed=False)])

@@ -1,5 +1,5 @@
 """
-Writing through to the socket (server.sendNow / sendSequenceNow, batched per reactor turn by server._Outbox):
+Writing through to the socket (writes.sendNow / sendSequenceNow, batched per reactor turn by writes._Outbox):
 what the socket does not take, and every write made while the transport still holds bytes, must go to the
 transport so Twisted's accounting sees it.
 """
@@ -13,7 +13,7 @@ import pytest
 from twisted.internet import task
 from twisted.internet.testing import StringTransport
 
-from ksproxy.http.server import _Outbox, _unsent, directSocket, flushOut, sendNow, sendSequenceNow
+from ksproxy.http.writes import _Outbox, _unsent, directSocket, flushOut, sendNow, sendSequenceNow
 
 
 class FakeSocket:
