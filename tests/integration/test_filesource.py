@@ -19,7 +19,12 @@ from ksproxy.sources import files
 from ksproxy.sources.files import DirectoryScanner, FileSource, loadDirectory
 from ksproxy.sources.inventory import Inventory
 
-EXAMPLES = "/work/shared/examples-real"
+# ../shared/examples-real beside the checkout (as CI lays it out).
+EXAMPLES = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))),
+    "shared",
+    "examples-real",
+)
 
 
 def manifest(name: str, host: str = "a.example") -> str:
