@@ -6,6 +6,7 @@ restarts a dead worker and passes SIGTERM on.  Slow (process start-up), bounded:
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -66,6 +67,7 @@ def demoUpstream():  # type: ignore[no-untyped-def]
     yield folder
     proc.terminate()
     proc.wait(10)
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 def _start(args, env=None):  # type: ignore[no-untyped-def]
