@@ -62,7 +62,9 @@ data:
 """
 
 
-class GatewayTests(TestCase):
+class _GatewayCase(TestCase):
+    """A gateway over MANIFESTS with a recording upstream."""
+
     @defer.inlineCallbacks
     def setUp(self):  # type: ignore[no-untyped-def]
         self.upstream = RecordingUpstream()
@@ -77,6 +79,8 @@ class GatewayTests(TestCase):
         yield self.gw.stop()
         yield self.upPort.stopListening()
 
+
+class GatewayTests(_GatewayCase):
     @defer.inlineCallbacks
     def test_apiServiceForwardsPathUnchangedWithIdentity(self):  # type: ignore[no-untyped-def]
         status, _, _ = yield httpRequest(
@@ -184,20 +188,8 @@ class GatewayTests(TestCase):
         self.assertIn("app", body.decode())
 
 
-class GatewayEdgeTests(TestCase):
-    """Loops, spoofing by header-name tricks, start-up and per-upstream timeouts."""
-
-    @defer.inlineCallbacks
-    def setUp(self):  # type: ignore[no-untyped-def]
-        self.upstream = RecordingUpstream()
-        self.upPort, self.upstreamPort = listenUpstream(reactor, self.upstream)
-        self.gw = RunningGateway({"all.yaml": MANIFESTS.format(port=self.upstreamPort)})
-        yield self.gw.start()
-
-    @defer.inlineCallbacks
-    def tearDown(self):  # type: ignore[no-untyped-def]
-        yield self.gw.stop()
-        yield self.upPort.stopListening()
+class GatewayEdgeTests(_GatewayCase):
+    """Loops and spoofing by header-name tricks."""
 
     @defer.inlineCallbacks
     def test_routeBackToItselfIsALoop(self):  # type: ignore[no-untyped-def]
