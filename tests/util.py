@@ -115,3 +115,23 @@ def _raw(port: int, data: bytes, readUntilClose: bool) -> bytes:
 def rawRequest(port: int, data: bytes, readUntilClose: bool = True) -> defer.Deferred[bytes]:
     """Send raw bytes, return what came back (until the server closes, or the first head if asked)."""
     return threads.deferToThread(_raw, port, data, readUntilClose)
+
+
+@defer.inlineCallbacks
+def eventually(condition, what: str = "condition", timeout: float = 5.0, steady: int = 1, step: float = 0.01):  # type: ignore[no-untyped-def]
+    """
+    Poll on the running reactor until C{condition()} holds C{steady} times in a row; fail after C{timeout}
+    seconds.  The one bounded wait for integration tests whose condition has no event to hook.
+    """
+    from twisted.internet import reactor
+    from twisted.internet.task import deferLater
+
+    deadline = reactor.seconds() + timeout
+    seen = 0
+    while True:
+        seen = seen + 1 if condition() else 0
+        if seen >= steady:
+            return
+        if reactor.seconds() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        yield deferLater(reactor, step, lambda: None)

@@ -79,17 +79,11 @@ class RunningGateway:
     def stop(self) -> defer.Deferred[None]:
         return defer.maybeDeferred(self.service.stopService)
 
-    @defer.inlineCallbacks
-    def waitForGeneration(self, atLeast: int, timeout: float = 5.0):  # type: ignore[no-untyped-def]
-        """Poll (on the reactor, bounded) until the reconciler has built generation C{atLeast}."""
-        from twisted.internet.task import deferLater
+    def waitForGeneration(self, atLeast: int, timeout: float = 5.0) -> defer.Deferred[None]:
+        """Until the reconciler has built generation C{atLeast} (bounded)."""
+        from tests.util import eventually
 
-        waited = 0.0
-        while self.reconciler.generation < atLeast:
-            if waited > timeout:
-                raise AssertionError(f"generation {atLeast} not reached in {timeout}s")
-            yield deferLater(reactor, 0.02, lambda: None)
-            waited += 0.02
+        return eventually(lambda: self.reconciler.generation >= atLeast, f"generation {atLeast}", timeout)
 
 
 def _walk(svc):  # type: ignore[no-untyped-def]

@@ -26,7 +26,7 @@ from tests.integration.faulty import (
     staleOnSecond,
 )
 from tests.integration.gateway import RunningGateway
-from tests.util import CLIENT_TIMEOUT, httpRequest
+from tests.util import CLIENT_TIMEOUT, eventually, httpRequest
 
 PROXY = """
 apiVersion: extensions.kubesphere.io/v1alpha1
@@ -225,14 +225,8 @@ class FlapTests(TestCase):
     def isDown(self) -> bool:
         return any(k[:3] == self.key and self.health.isDown(k) for k in list(self.health._byUpstream))
 
-    @defer.inlineCallbacks
     def waitFor(self, condition, timeout: float = 3.0):  # type: ignore[no-untyped-def]
-        waited = 0.0
-        while not condition():
-            if waited > timeout:
-                raise AssertionError(f"condition not met in {timeout}s")
-            yield sleep(0.02)
-            waited += 0.02
+        return eventually(condition, timeout=timeout)
 
     @defer.inlineCallbacks
     def test_fast503WhileDownAndBackWithinOneInterval(self):  # type: ignore[no-untyped-def]

@@ -19,7 +19,6 @@ import h2.config
 import h2.connection
 import h2.events
 from twisted.internet import defer, reactor, threads
-from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
 from ksproxy.http.h2 import H2Exchange
@@ -27,7 +26,7 @@ from tests.integration.gateway import RunningGateway
 from tests.integration.test_protocols import API, MANIFESTS, RP
 from tests.integration.testca import TestCA
 from tests.integration.wire import listen
-from tests.util import CLIENT_TIMEOUT
+from tests.util import CLIENT_TIMEOUT, eventually
 
 Response = Tuple[int, List[Tuple[bytes, bytes]], bytes]
 
@@ -209,15 +208,8 @@ class H2Tests(TestCase):
         [proto] = [p for p in self.gw.service.factory.connections if p._h2 is not None]
         return proto._h2
 
-    @defer.inlineCallbacks
     def waitFor(self, condition, what: str, steady: int = 1):  # type: ignore[no-untyped-def]
-        seen = 0
-        for _ in range(500):
-            seen = seen + 1 if condition() else 0
-            if seen >= steady:
-                return
-            yield deferLater(reactor, 0.01, lambda: None)
-        self.fail(f"timed out waiting for {what}")
+        return eventually(condition, what, steady=steady)
 
     @defer.inlineCallbacks
     def test_sameAnswersAsHTTP1(self):  # type: ignore[no-untyped-def]

@@ -14,7 +14,7 @@ from twisted.trial.unittest import TestCase
 
 from ksproxy.testing.kubeapi import FakeKubeAPI
 from tests.integration.gateway import RunningGateway
-from tests.util import RecordingUpstream, httpRequest, listenUpstream
+from tests.util import RecordingUpstream, eventually, httpRequest, listenUpstream
 
 GROUP_VERSION = "extensions.kubesphere.io/v1alpha1"
 
@@ -26,17 +26,6 @@ def reverseProxy(name: str, path: str, port: int, **spec) -> dict:  # type: igno
         "metadata": {"name": name},
         "spec": {"matcher": {"path": path, "method": "*"}, "upstream": {"url": f"http://127.0.0.1:{port}"}, **spec},
     }
-
-
-@defer.inlineCallbacks
-def eventually(predicate, timeout: float = 5.0, step: float = 0.02):  # type: ignore[no-untyped-def]
-    """Wait (on the reactor, bounded) until predicate() is true."""
-    waited = 0.0
-    while not predicate():
-        if waited >= timeout:
-            raise AssertionError("condition not reached in time")
-        yield deferLater(reactor, step, lambda: None)
-        waited += step
 
 
 class KubeGatewayTests(TestCase):
@@ -118,7 +107,7 @@ class KubeGatewayTests(TestCase):
             obj = self.api.get("ReverseProxy", "app") or {}
             return {c["type"]: c["status"] for c in (obj.get("status") or {}).get("conditions", [])}
 
-        yield eventually(lambda: conditions().get("Programmed") == "True", timeout=10)
+        yield eventually(lambda: conditions().get("Programmed") == "True", "Programmed", timeout=10)
         self.assertEqual(conditions().get("Accepted"), "True")
         patches = [r for r in self.api.requests if r.method == "PATCH" and "reverseproxies" in r.path]
         agents = {r.headers.get("User-Agent", "") for r in patches}
@@ -143,7 +132,7 @@ class KubeGatewayTests(TestCase):
                 for c in (obj.get("status") or {}).get("conditions", [])
             )
 
-        yield eventually(laterProgrammed, timeout=20)
+        yield eventually(laterProgrammed, "takeover", timeout=20)
 
 
 def _isLeader(gw: RunningGateway) -> bool:

@@ -12,13 +12,14 @@ import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from kubernetes import client, config
-from twisted.internet import defer, reactor, task
+from twisted.internet import defer, reactor
 from twisted.trial import unittest
 
 from ksproxy.model.types import API_VERSION
 from ksproxy.sources.inventory import Inventory
 from ksproxy.sources.kube import KubeSource, ObjectRef, bundleReferences
 from ksproxy.testing.kubeapi import FakeKubeAPI
+from tests.util import eventually
 
 CR_PATH = "/apis/extensions.kubesphere.io/v1alpha1/"
 QUICK = 1.0  # "follows every change within a second"
@@ -159,19 +160,7 @@ class RecordingInventory:
 
 def pollUntil(predicate: Callable[[], bool], timeout: float = 3.0, what: str = "") -> defer.Deferred[None]:
     """For conditions that only the watcher threads change (counters): check every 10ms, bounded."""
-    deadline = time.monotonic() + timeout
-    done: defer.Deferred[None] = defer.Deferred()
-
-    def poll() -> None:
-        if predicate():
-            loop.stop()
-        elif time.monotonic() > deadline:
-            loop.stop()
-            raise AssertionError(f"not within {timeout}s: {what or predicate}")
-
-    loop = task.LoopingCall(poll)
-    loop.start(0.01).chainDeferred(done)
-    return done
+    return eventually(predicate, what or repr(predicate), timeout)
 
 
 def withTimeout(d: defer.Deferred[Any], timeout: float, what: str) -> defer.Deferred[Any]:

@@ -12,12 +12,12 @@ import json
 
 import websocket
 from twisted.internet import defer, reactor, threads
-from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
 from ksproxy.http.upstream import UpstreamConnection
 from tests.integration.gateway import RunningGateway
 from tests.integration.wire import StreamClient, listen, splitResponse
+from tests.util import eventually
 
 MANIFESTS = """
 apiVersion: extensions.kubesphere.io/v1alpha1
@@ -75,16 +75,8 @@ class ProtocolTests(TestCase):
         self.clients.append(c)
         return c
 
-    @defer.inlineCallbacks
     def waitFor(self, condition, what: str, steady: int = 1):  # type: ignore[no-untyped-def]
-        """Poll on the reactor until C{condition()} holds C{steady} times in a row (bounded)."""
-        seen = 0
-        for _ in range(500):
-            seen = seen + 1 if condition() else 0
-            if seen >= steady:
-                return
-            yield deferLater(reactor, 0.01, lambda: None)
-        self.fail(f"timed out waiting for {what}")
+        return eventually(condition, what, steady=steady)
 
     # -- upgrades ----------------------------------------------------------------------------------------------
 

@@ -14,7 +14,7 @@ from twisted.trial.unittest import TestCase
 
 from tests.integration.faulty import ScriptedUpstream, answerOK, hang, slowOK, upgradeEcho
 from tests.integration.gateway import RunningGateway
-from tests.util import CLIENT_TIMEOUT, httpRequest
+from tests.util import CLIENT_TIMEOUT, eventually, httpRequest
 
 PROXY = """
 apiVersion: extensions.kubesphere.io/v1alpha1
@@ -103,12 +103,8 @@ class DrainTests(TestCase):
         for up in (self.slow, self.hang, self.fast):
             yield up.cleanup()
 
-    @defer.inlineCallbacks
     def waitFor(self, condition, timeout: float = 3.0):  # type: ignore[no-untyped-def]
-        deadline = time.monotonic() + timeout
-        while not condition():
-            self.assertLess(time.monotonic(), deadline, "condition not met in time")
-            yield sleep(0.01)
+        return eventually(condition, timeout=timeout)
 
     @defer.inlineCallbacks
     def test_inFlightRequestCompletesAndNewConnectionsAreRefused(self):  # type: ignore[no-untyped-def]
