@@ -91,6 +91,21 @@ def _findPlugin() -> None:
         sys.path.append(root)
 
 
+def _reactorArgs() -> List[str]:
+    """
+    twistd's reactor option for C{ksproxy run}: our epoll reactor (ksproxy/reactor.py) where epoll exists,
+    unless KSPROXY_REACTOR names another twistd reactor (C{twistd --help-reactors}), or "default".
+    """
+    import select
+
+    choice = os.environ.get("KSPROXY_REACTOR", "")
+    if choice == "default":
+        return []
+    if choice:
+        return [f"--reactor={choice}"]
+    return ["--reactor=ksproxy"] if hasattr(select, "epoll") else []
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     usage = "usage: ksproxy check PATH | ksproxy routes PATH | ksproxy run [run options]\n"
@@ -107,7 +122,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         _findPlugin()
         from twisted.scripts.twistd import run
 
-        sys.argv = ["twistd", "-n", "--pidfile=", "ksproxy", "run", *rest]
+        sys.argv = ["twistd", "-n", "--pidfile=", *_reactorArgs(), "ksproxy", "run", *rest]
         run()
         return 0
     sys.stderr.write(usage)

@@ -79,7 +79,8 @@ def test_twistdForeground(demoUpstream) -> None:  # type: ignore[no-untyped-def]
     env = dict(os.environ, PYTHONPATH=ROOT)
     twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
     proc = _start(
-        [twistd, "-n", "--pidfile=", "ksproxy", "run", "--listen", f"tcp:{port}:interface=127.0.0.1",
+        # The reactor plugin must be found by a plain twistd, as the Deployment and the unit use it.
+        [twistd, "-n", "--pidfile=", "--reactor=ksproxy", "ksproxy", "run", "--listen", f"tcp:{port}:interface=127.0.0.1",
          "--admin-listen", f"tcp:{admin}:interface=127.0.0.1", "--source", f"dir:{demoUpstream}"],
         env,
     )

@@ -692,12 +692,12 @@ def test_deployment() -> None:
     assert pod["securityContext"]["runAsUser"] != 0
     [container] = pod["containers"]
     assert container["command"] == [
-        "twistd", "-n", "--pidfile=", "ksproxy", "run", "--listen", "tcp:8080",
+        "twistd", "-n", "--pidfile=", "--reactor=ksproxy", "ksproxy", "run", "--listen", "tcp:8080",
         "--admin-listen", "tcp:9090:interface=0.0.0.0", "--source", "kubernetes",
     ]
     # The command parses with ksproxy's own options.
     options = RunOptions()
-    options.parseOptions(container["command"][5:])
+    options.parseOptions(container["command"][6:])
     assert options["source"] == "kubernetes"
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert ports == {"http": 8080, "admin": 9090}
@@ -738,11 +738,11 @@ def test_systemdUnit() -> None:
         unit.read_file(f)
     assert set(unit.sections()) == {"Unit", "Service", "Install"}
     command = unit["Service"]["ExecStart"].split()
-    assert command[0].endswith("/twistd") and command[1:4] == ["-n", "--pidfile=", "ksproxy"]
+    assert command[0].endswith("/twistd") and command[1:5] == ["-n", "--pidfile=", "--reactor=ksproxy", "ksproxy"]
     assert command[command.index("--source") + 1] == "dir:/etc/ksproxy/manifests"
     from ksproxy.tap import RunOptions
 
-    RunOptions().parseOptions(command[5:])
+    RunOptions().parseOptions(command[6:])
     assert unit["Service"]["KillSignal"] == "SIGTERM"
     assert int(unit["Service"]["TimeoutStopSec"]) > 25
     assert unit["Service"]["NoNewPrivileges"] == "yes"
