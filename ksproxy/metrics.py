@@ -2,19 +2,21 @@
 Prometheus metrics (SPEC 10), in a registry of our own (never the process-global one, so two gateways in one
 process, as in the tests, do not share counters).
 
-Per request the cost is one dict lookup for the pre-bound label children of (route, method, code), two counter
-increments and one histogram observation: no string formatting.  Values that already live somewhere (open
+Per request the cost is one dict lookup for the pre-bound numbers of (route, method, code) and a few integer
+additions: no string formatting, no locks (see L{_RequestStats}).  Values that already live somewhere (open
 connections, checker states, the pool, source restarts) are read at scrape time by a collector instead of being
 kept up to date on every change.
 """
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from typing import Any, Dict, Iterable, List, Optional, Set, Tuple
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.utils import floatToGoString
 from twisted.web import resource, server
 
 from .model.types import APIService, JSBundle, ReverseProxy
@@ -22,6 +24,7 @@ from .model.types import APIService, JSBundle, ReverseProxy
 __all__ = ["Metrics", "MetricsResource", "install"]
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+_BUCKET_LABELS = [floatToGoString(b) for b in LATENCY_BUCKETS] + ["+Inf"]
 
 # Methods llhttp accepts are a fixed list, but a label per exotic one is not worth it.
 _METHODS = {
@@ -32,16 +35,93 @@ _FIXED_ROUTES = frozenset(["-", "default", "rejected"])
 _ROUTE_PREFIX = {ReverseProxy: "proxy/", APIService: "apiservice/", JSBundle: "bundle/"}
 
 
+class _RouteStats:
+    """Per route: the latency histogram, body bytes and aborts, as plain numbers (see L{_RequestStats})."""
+
+    __slots__ = ("buckets", "latencySum", "bytes", "aborted")
+
+    def __init__(self) -> None:
+        self.buckets = [0] * (len(LATENCY_BUCKETS) + 1)  # the last one is +Inf
+        self.latencySum = 0.0
+        self.bytes = 0
+        self.aborted = 0
+
+
 class _Children:
-    """The label children one (route, method, code) updates, bound once."""
+    """What one (route, method, code) updates, bound once: its request count and its route's numbers."""
 
-    __slots__ = ("requests", "latency", "bytes", "aborted")
+    __slots__ = ("count", "route")
 
-    def __init__(self, metrics: Metrics, route: str, method: str, code: str) -> None:
-        self.requests = metrics.requests.labels(route, method, code)
-        self.latency = metrics.latency.labels(route)
-        self.bytes = metrics.responseBytes.labels(route)
-        self.aborted = metrics.aborted.labels(route)
+    def __init__(self, route: _RouteStats) -> None:
+        self.count = 0
+        self.route = route
+
+
+class _RequestStats:
+    """
+    The per-request metrics, kept as plain ints and floats and exported at scrape time.
+
+    prometheus_client's metric children take a lock for every increment (four per request here); every update
+    and every scrape of ours runs on the reactor thread, so the numbers need none.  The families, names and
+    labels are the ones Counter and Histogram would expose.
+    """
+
+    def __init__(self) -> None:
+        self.children: Dict[Tuple[str, str, str], _Children] = {}
+        self.routes: Dict[str, _RouteStats] = {}
+
+    def bind(self, route: str, method: str, code: str) -> _Children:
+        stats = self.routes.get(route)
+        if stats is None:
+            stats = self.routes[route] = _RouteStats()
+        key = (route, method, code)
+        children = self.children.get(key)
+        if children is None:
+            children = self.children[key] = _Children(stats)
+        return children
+
+    def forget(self, route: str) -> None:
+        self.routes.pop(route, None)
+        for key in [k for k in self.children if k[0] == route]:
+            del self.children[key]
+
+    def describe(self) -> List[Any]:
+        return list(self._families())
+
+    def collect(self) -> Iterable[Any]:
+        return self._families()
+
+    def _families(self) -> Iterable[Any]:
+        requests = CounterMetricFamily(
+            "ksproxy_requests", "Requests answered, by route, method and status code.", labels=["route", "method", "code"]
+        )
+        for labels, children in self.children.items():
+            requests.add_metric(list(labels), children.count)
+        latency = HistogramMetricFamily(
+            "ksproxy_request_duration_seconds",
+            "Time from request head to the end of the response, by route.",
+            labels=["route"],
+        )
+        sent = CounterMetricFamily(
+            "ksproxy_response_body_bytes", "Response body bytes sent to clients, by route.", labels=["route"]
+        )
+        aborted = CounterMetricFamily(
+            "ksproxy_requests_aborted",
+            "Requests cut short (client gone, upstream failed mid-response, timeout), by route.",
+            labels=["route"],
+        )
+        for route, stats in self.routes.items():
+            cumulative, buckets = 0, []
+            for bound, n in zip(_BUCKET_LABELS, stats.buckets):
+                cumulative += n
+                buckets.append((bound, cumulative))
+            latency.add_metric([route], buckets, stats.latencySum)
+            sent.add_metric([route], stats.bytes)
+            aborted.add_metric([route], stats.aborted)
+        yield requests
+        yield latency
+        yield sent
+        yield aborted
 
 
 class Metrics:
@@ -53,31 +133,8 @@ class Metrics:
     def __init__(self, registry: Optional[CollectorRegistry] = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.requests = Counter(
-            "ksproxy_requests",
-            "Requests answered, by route, method and status code.",
-            ["route", "method", "code"],
-            registry=r,
-        )
-        self.latency = Histogram(
-            "ksproxy_request_duration_seconds",
-            "Time from request head to the end of the response, by route.",
-            ["route"],
-            buckets=LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.responseBytes = Counter(
-            "ksproxy_response_body_bytes",
-            "Response body bytes sent to clients, by route.",
-            ["route"],
-            registry=r,
-        )
-        self.aborted = Counter(
-            "ksproxy_requests_aborted",
-            "Requests cut short (client gone, upstream failed mid-response, timeout), by route.",
-            ["route"],
-            registry=r,
-        )
+        self.perRequest = _RequestStats()
+        r.register(self.perRequest)
         self.httpRejections = Counter(
             "ksproxy_http_rejections",
             "Requests refused before routing (malformed, too large, headers too slow), by status code.",
@@ -100,6 +157,7 @@ class Metrics:
             ["kind", "outcome"],
             registry=r,
         )
+        # (route, method bytes, code) -> the bound numbers: one dict lookup per request.
         self._children: Dict[Tuple[str, bytes, int], _Children] = {}
         self._routeKeys: Dict[str, Set[Tuple[str, bytes, int]]] = {}
         self._resourceLabels: Set[Tuple[str, str]] = set()
@@ -117,13 +175,15 @@ class Metrics:
             children = self._bind(key)
             if children is None:
                 return
-        children.requests.inc()
-        children.latency.observe(duration)
+        children.count += 1
+        stats = children.route
+        stats.buckets[bisect_left(LATENCY_BUCKETS, duration)] += 1  # "le": a bound counts values equal to it
+        stats.latencySum += duration
         sent = exchange.bytesSent
         if sent:
-            children.bytes.inc(sent)
+            stats.bytes += sent
         if aborted:
-            children.aborted.inc()
+            stats.aborted += 1
 
     def _bind(self, key: Tuple[str, bytes, int]) -> Optional[_Children]:
         route, method, code = key
@@ -132,7 +192,7 @@ class Metrics:
             self.httpRejections.labels(str(code)).inc()
             return None
         label = "aborted" if code == 0 else str(code)
-        children = _Children(self, route, _METHODS.get(method, "OTHER"), label)
+        children = self.perRequest.bind(route, _METHODS.get(method, "OTHER"), label)
         self._children[key] = children
         self._routeKeys.setdefault(route, set()).add(key)
         return children
@@ -154,15 +214,9 @@ class Metrics:
             self._forgetRoute(route)
 
     def _forgetRoute(self, route: str) -> None:
-        labelled: Set[Tuple[str, str, str]] = set()
         for key in self._routeKeys.pop(route):
             self._children.pop(key, None)
-            _, method, code = key
-            labelled.add((route, _METHODS.get(method, "OTHER"), "aborted" if code == 0 else str(code)))
-        for labels in labelled:
-            _remove(self.requests, labels)
-        for metric in (self.latency, self.responseBytes, self.aborted):
-            _remove(metric, (route,))
+        self.perRequest.forget(route)
 
     def _countResources(self, report: Any) -> None:
         counts: Dict[Tuple[str, str], int] = {}
@@ -205,13 +259,6 @@ class Metrics:
 
     def resource(self) -> MetricsResource:
         return MetricsResource(self)
-
-
-def _remove(metric: Any, labels: Iterable[str]) -> None:
-    try:
-        metric.remove(*labels)
-    except KeyError:
-        pass
 
 
 class _LiveCollector:

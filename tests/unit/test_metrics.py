@@ -70,6 +70,30 @@ class ExchangeTests(SynchronousTestCase):
             got[("ksproxy_request_duration_seconds_bucket", (("le", "0.005"), ("route", "proxy/app")))], 3
         )
 
+    def test_histogramExposesWhatPrometheusClientWould(self) -> None:
+        """Our lock-free histogram against prometheus_client's own, on bucket bounds and between them."""
+        from prometheus_client import CollectorRegistry, Histogram
+
+        from ksproxy.metrics import LATENCY_BUCKETS
+
+        registry = CollectorRegistry()
+        reference = Histogram(
+            "ksproxy_request_duration_seconds", "x", ["route"], buckets=LATENCY_BUCKETS, registry=registry
+        )
+        durations = [0.0, 0.001, 0.0011, 0.005, 0.0499, 1.0, 59.9, 60.0, 61.0, 1e9]
+        for d in durations:
+            self.metrics.observeExchange(exchange(), False, d)
+            reference.labels("proxy/app").observe(d)
+        ours = {k: v for k, v in samples(self.metrics).items() if k[0].startswith("ksproxy_request_duration")}
+        theirs = {}
+        for family in text_string_to_metric_families(
+            __import__("prometheus_client").generate_latest(registry).decode()
+        ):
+            for s in family.samples:
+                if not s.name.endswith("_created"):
+                    theirs[(s.name, tuple(sorted(s.labels.items())))] = s.value
+        self.assertEqual(ours, theirs)
+
     def test_labelChildrenAreBoundOnce(self) -> None:
         m = self.metrics
         m.observeExchange(exchange(), False, 0.01)
