@@ -30,7 +30,7 @@ from zope.interface import implementer
 
 from .errors import phrase, statusBody
 from .headers import Headers
-from .writes import BatchedWriter, directSocket, flushOut
+from .writes import BatchedWriter, directSocket, flushOut, noDelay
 
 __all__ = ["ServerLimits", "Exchange", "IRequestHandler", "HTTPServerProtocol", "HTTPServerFactory"]
 
@@ -439,18 +439,14 @@ class HTTPServerProtocol(BatchedWriter, Protocol):
         transport = self.transport
         peer = transport.getPeer()
         self.peerHost = getattr(peer, "host", None) or "unix"
-        self.secure = getattr(transport, "TLS", False) or _isTLS(transport)
+        self._sock = directSocket(transport)
+        self.secure = self._sock is None and (getattr(transport, "TLS", False) or _isTLS(transport))
         if self.secure:
             # ALPN has its answer once the handshake is over, which is before the first application byte.
             self.dataReceived = self._firstSecureData  # type: ignore[method-assign]
         transport.registerProducer(self, True)
         self._producing = True
-        self._sock = directSocket(transport)
-        if hasattr(transport, "setTcpNoDelay"):
-            try:
-                transport.setTcpNoDelay(True)
-            except OSError:
-                pass
+        noDelay(transport)
         self.factory._connectionMade(self)
         self._idleSince = self.clock.seconds()
         # Until its first request begins, a connection has the header timeout, not the keep-alive one: a client

@@ -35,7 +35,7 @@ from zope.interface import implementer
 
 from ..model.types import Endpoint, TLSSettings
 from .headers import Headers
-from .writes import BatchedWriter, directSocket, flushOut
+from .writes import BatchedWriter, directSocket, flushOut, noDelay
 
 __all__ = ["IResponseSink", "UpstreamConnection", "UpstreamPool", "tlsCreator"]
 
@@ -57,6 +57,9 @@ class IResponseSink(TypingProtocol):
 
     def responseFlush(self) -> None:
         """One read from the upstream has been parsed: send on what it produced."""
+
+    def timerFired(self) -> None:
+        """The connection's timer (see L{UpstreamConnection.scheduleTimer}) fired: check the running limit."""
 
 
 # Larger response heads are refused (502): a client behind us would refuse them anyway, and we buffer heads.
@@ -100,6 +103,9 @@ class UpstreamConnection(BatchedWriter, Protocol):
         self._sock = None  # for writing through (server.sendNow); None on TLS
         self._out: List[bytes] = []  # written in this reactor turn, sent at its end (server._Outbox)
         self.lostReason: Optional[Failure] = None
+        # The timer of the requests it carries (L{scheduleTimer}): it lives as long as the connection, so a
+        # request on a pooled connection usually costs no DelayedCall at all.
+        self._timer = None
 
     # -- lifecycle -----------------------------------------------------------------------------------------
 
@@ -107,15 +113,12 @@ class UpstreamConnection(BatchedWriter, Protocol):
         self.connected = True
         self.transport.registerProducer(self, True)
         self._sock = directSocket(self.transport)
-        if hasattr(self.transport, "setTcpNoDelay"):
-            try:
-                self.transport.setTcpNoDelay(True)
-            except OSError:
-                pass
+        noDelay(self.transport)
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self.connected = False
         self._out = []
+        self.cancelTimer()
         self.lostReason = reason
         self.pool._lost(self)
         sink, self.sink = self.sink, None
@@ -144,6 +147,33 @@ class UpstreamConnection(BatchedWriter, Protocol):
     def writeSequence(self, data: List[bytes]) -> None:
         self._writeOut(data)
 
+
+    # -- the carried request's timer ----------------------------------------------------------------------
+
+    def scheduleTimer(self, clock, at: float) -> None:  # type: ignore[no-untyped-def]
+        """
+        Make sure the sink's C{timerFired} runs no later than C{at} (on C{clock}).  The timer is only ever moved
+        later by letting it fire early: the sink checks its own deadline and schedules again for what is left
+        (moving a DelayedCall sooner costs Twisted a linear scan of its heap; creating one per request costs
+        more than the check).
+        """
+        timer = self._timer
+        if timer is not None:
+            if timer.getTime() <= at:
+                return
+            timer.cancel()
+        self._timer = clock.callLater(max(0.0, at - clock.seconds()), self._timerFired)
+
+    def cancelTimer(self) -> None:
+        timer, self._timer = self._timer, None
+        if timer is not None:
+            timer.cancel()
+
+    def _timerFired(self) -> None:
+        self._timer = None
+        sink = self.sink
+        if sink is not None:
+            sink.timerFired()
 
     def abort(self) -> None:
         """Drop this connection (the exchange it carried failed or was abandoned)."""

@@ -10,11 +10,15 @@ the socket does not take goes to the transport, so Twisted's accounting (produce
 from __future__ import annotations
 
 import socket
+import sys
 from typing import Any, List, Optional
 
 from twisted.internet import tcp
 
-__all__ = ["BatchedWriter", "directSocket", "flushOut", "outbox", "sendNow", "sendSequenceNow"]
+__all__ = ["BatchedWriter", "directSocket", "flushOut", "noDelay", "outbox", "sendNow", "sendSequenceNow"]
+
+# Linux copies TCP_NODELAY from a listening socket to the sockets it accepts.
+_INHERITS_NODELAY = sys.platform.startswith("linux")
 
 
 def directSocket(transport: object) -> Optional[socket.socket]:
@@ -25,6 +29,27 @@ def directSocket(transport: object) -> Optional[socket.socket]:
     if isinstance(transport, tcp.Connection) and not transport.TLS:
         return transport.socket
     return None
+
+
+def noDelay(transport: Any) -> None:
+    """
+    TCP_NODELAY on a TCP connection (no Nagle delay for the last small segment of a response).  On Linux it is
+    set once on the listening socket, whose accepted sockets inherit it, instead of once per connection.
+    """
+    port = getattr(transport, "server", None)  # tcp.Server: the Port that accepted it
+    if _INHERITS_NODELAY and isinstance(port, tcp.Port):
+        if port.__dict__.get("_ksproxyNoDelay"):
+            return
+        try:
+            port.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            port._ksproxyNoDelay = True  # type: ignore[attr-defined]
+        except (OSError, AttributeError):
+            pass
+    if hasattr(transport, "setTcpNoDelay"):
+        try:
+            transport.setTcpNoDelay(True)
+        except OSError:
+            pass
 
 
 def _mustBuffer(transport: Any, sock: Optional[socket.socket]) -> bool:

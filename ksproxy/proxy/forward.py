@@ -213,6 +213,10 @@ class ProxyCall:
         head = [b"%s %s HTTP/1.1\r\n" % (request.method, request.target)]
         head.extend([b"%s: %s\r\n" % (n, v) for _, n, v in headers.items])
         head.append(b"\r\n")
+        if self._timer is not None:
+            # The connect timer ends here: from now on the connection hosts this call's timer.
+            self._timer.cancel()
+            self._timer = None
         conn.startRequest(self, b"".join(head), self._isHead)
         if self._chunkedUp:
             # Take it back out so a retry on a fresh connection does not add it twice.
@@ -235,7 +239,7 @@ class ProxyCall:
             conn.writeSequence([b"%x\r\n" % len(data), data, b"\r\n"])
         else:
             conn.write(data)
-        if self._timer is not None:
+        if self._limit is not None:
             # Bytes moving upward count as activity, before the response head and after it.
             self._since = self.clock.seconds()
 
@@ -314,14 +318,14 @@ class ProxyCall:
         conn = self.conn
         if conn is not None and not self._done:
             conn.write(data)
-            if self._timer is not None:
+            if self._limit is not None:
                 self._since = self.clock.seconds()
 
     def responseData(self, data: bytes) -> None:
         if self._done:
             return
         self.exchange.write(data)
-        if self._timer is not None:
+        if self._limit is not None:
             self._since = self.clock.seconds()
 
     def responseFlush(self) -> None:
@@ -436,9 +440,11 @@ class ProxyCall:
     def _armIdle(self) -> None:
         self._armTimer(self.timeouts.tunnelIdle if self.exchange._tunnel is not None else self.timeouts.idle)
 
-    # One DelayedCall per call, never moved sooner unless a shorter limit starts (Twisted moves a call sooner
-    # with a linear scan of its heap) and never touched per chunk: activity only records the time, and a timer
-    # that fires before the deadline re-arms for what is left.
+    # Never a DelayedCall moved sooner unless a shorter limit starts (Twisted moves a call sooner with a linear
+    # scan of its heap), none touched per chunk (activity only records the time: a timer that fires before the
+    # deadline schedules again for what is left), and none created per request on a pooled connection: once
+    # attached, the timer lives on the connection (UpstreamConnection.scheduleTimer).  Before that (connecting)
+    # it is the call's own.
 
     def _armTimer(self, delay: Optional[float]) -> None:
         """Start a new limit of C{delay} seconds from now (None: no limit)."""
@@ -448,15 +454,23 @@ class ProxyCall:
         now = self.clock.seconds()
         self._since = now
         self._limit = delay
+        self._schedule(now + delay)
+
+    def _schedule(self, at: float) -> None:
+        conn = self.conn
+        if conn is not None:
+            conn.scheduleTimer(self.clock, at)
+            return
         timer = self._timer
         if timer is not None:
             if timer.active():
-                if timer.getTime() <= now + delay:
+                if timer.getTime() <= at:
                     return
                 timer.cancel()
-        self._timer = self.clock.callLater(delay, self._timedOut)
+        self._timer = self.clock.callLater(max(0.0, at - self.clock.seconds()), self._timedOut)
 
     def _cancelTimer(self) -> None:
+        """No limit runs any more.  A timer left on the connection fires harmlessly (or moves to its next call)."""
         timer = self._timer
         self._limit = None
         if timer is not None:
@@ -464,13 +478,17 @@ class ProxyCall:
                 timer.cancel()
             self._timer = None
 
+    def timerFired(self) -> None:
+        """IResponseSink: the connection's timer fired."""
+        self._timedOut()
+
     def _timedOut(self) -> None:
         self._timer = None
         if self._done or self._limit is None:
             return
-        left = self._since + self._limit - self.clock.seconds()
-        if left > 1e-9:
-            self._timer = self.clock.callLater(left, self._timedOut)
+        deadline = self._since + self._limit
+        if deadline - self.clock.seconds() > 1e-9:
+            self._schedule(deadline)
             return
         if self._connecting is not None:
             # Connect timeout: cancelling the attempt ends in _connectFailed with a TimeoutError (504).

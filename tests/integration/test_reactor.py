@@ -114,3 +114,28 @@ class ReactorChoiceTests(SynchronousTestCase):
             self.patch(os, "environ", {k: v for k, v in os.environ.items() if k != "KSPROXY_REACTOR"})
         else:
             self.patch(os, "environ", dict(os.environ, KSPROXY_REACTOR=value))
+
+
+class NoDelayTests(TestCase):
+    @defer.inlineCallbacks
+    def test_everyAcceptedConnectionHasNoDelay(self):  # type: ignore[no-untyped-def]
+        """Set on the listener once (Linux copies it to accepted sockets) or per connection: every one has it."""
+        from twisted.internet import reactor
+
+        from ksproxy.http.writes import noDelay
+
+        seen = []
+
+        class Probe(protocol.Protocol):
+            def connectionMade(self) -> None:
+                noDelay(self.transport)
+                seen.append(self.transport.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+                self.transport.write(b"x")
+                self.transport.loseConnection()
+
+        port = reactor.listenTCP(0, protocol.Factory.forProtocol(Probe), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        for _ in range(3):
+            answer = yield _exchange(reactor, port.getHost().port, b"")
+            self.assertEqual(answer, b"x")
+        self.assertEqual([bool(v) for v in seen], [True, True, True])

@@ -226,6 +226,62 @@ class ResponseHeaderTimeoutTests(ForwardTestCase):
         self.assertStatus(504)
 
 
+class PooledTimerTests(ForwardTestCase):
+    """On a pooled connection the call's timer lives on the connection: no DelayedCall per request."""
+
+    def answerOn(self, conn: UpstreamConnection) -> None:
+        conn.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+
+    def test_noDelayedCallPerRequest(self) -> None:
+        self.get()
+        conn, _ = self.pool.accept()
+        self.answerOn(conn)
+        scheduled: List[object] = []
+        real = self.clock.callLater
+        self.clock.callLater = lambda *a, **kw: scheduled.append(a) or real(*a, **kw)  # type: ignore[method-assign]
+        for _ in range(5):
+            self.get()
+            self.answerOn(conn)
+        self.assertEqual(scheduled, [])
+        self.assertEqual(self.answered().count(b"HTTP/1.1 200 OK"), 6)
+
+    def test_aLaterRequestTimesOutOnItsOwnDeadline(self) -> None:
+        """The timer left by the first request fires early for the second, which waits for what is left."""
+        self.get()
+        conn, up = self.pool.accept()
+        self.answerOn(conn)
+        self.clock.advance(T.responseHeader / 2)
+        self.get()
+        self.clock.advance(T.responseHeader / 2 + EPS)  # the first request's deadline passed: still waiting
+        self.assertEqual(self.answered().count(b"HTTP/1.1"), 1)
+        self.assertFalse(up.aborted)
+        self.clock.advance(T.responseHeader / 2 - 3 * EPS)
+        self.assertEqual(self.answered().count(b"HTTP/1.1"), 1)
+        self.clock.advance(3 * EPS)
+        self.assertIn(b"HTTP/1.1 504", self.answered())
+        self.assertTrue(up.aborted)
+
+    def test_aShorterLimitMovesTheTimerSooner(self) -> None:
+        """After a long idle limit (a stream), the next request's shorter header limit still fires on time."""
+        self.get()
+        conn, up = self.pool.accept()
+        conn.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n")  # idle limit (60 s) runs
+        conn.dataReceived(b"ok")
+        self.get()
+        self.clock.advance(T.responseHeader - EPS)
+        self.assertFalse(up.aborted)
+        self.clock.advance(2 * EPS)
+        self.assertTrue(up.aborted)
+        self.assertIn(b"HTTP/1.1 504", self.answered())
+
+    def test_lostConnectionLeavesNoTimer(self) -> None:
+        self.get()
+        conn, up = self.pool.accept()
+        self.answerOn(conn)
+        up.lose()
+        self.assertEqual([c for c in self.clock.getDelayedCalls() if c.func == conn._timerFired], [])
+
+
 class IdleTimeoutTests(ForwardTestCase):
     def start(self) -> UpstreamConnection:
         self.get(b"/watch")
