@@ -20,11 +20,23 @@ from typing import Optional
 
 from twisted.internet.epollreactor import EPollReactor
 
+from .http.writes import outbox
+
 __all__ = ["KsproxyReactor", "install"]
 
 
 class KsproxyReactor(EPollReactor):
-    """L{EPollReactor} whose poll loop dispatches events without C{log.callWithLogger}."""
+    """
+    L{EPollReactor} whose poll loop dispatches events without C{log.callWithLogger}, and which sends what
+    protocols queued in L{ksproxy.http.writes.outbox} after each batch of I/O events and each round of timers
+    (on other reactors the outbox schedules a C{callLater(0)} per turn instead).
+    """
+
+    flushesOutbox = True
+
+    def runUntilCurrent(self) -> None:
+        super().runUntilCurrent()
+        _flushOutbox()
 
     def doPoll(self, timeout: Optional[float]) -> None:
         if timeout is None:
@@ -43,8 +55,16 @@ class KsproxyReactor(EPollReactor):
             if selectable is not None:
                 # Catches and logs application exceptions itself, and disconnects the selectable.
                 dispatch(selectable, fd, event)
+        _flushOutbox()
 
     doIteration = doPoll
+
+
+def _flushOutbox() -> None:
+    # Until empty: a flush can queue more (a write that fails over to the transport may call back), and the
+    # next chance could be after a long poll timeout.
+    while outbox.owners:
+        outbox.flush()
 
 
 def install() -> KsproxyReactor:

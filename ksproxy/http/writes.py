@@ -107,17 +107,20 @@ def sendSequenceNow(transport: Any, sock: Optional[socket.socket], chunks: List[
 
 class _Outbox:
     """
-    Bytes written on plain TCP connections during one reactor turn, sent at its end (one C{callLater(0)} for all
-    connections): each connection's writes of the turn go out in one C{sendmsg}, without the writability
-    registration C{transport.write} does, and the sends of a turn go out together, so the peers wake once for
-    all of them rather than once per send.
+    Bytes written on plain TCP connections during one reactor turn, sent at its end: each connection's writes of
+    the turn go out in one C{sendmsg}, without the writability registration C{transport.write} does, and the
+    sends of a turn go out together, so the peers wake once for all of them rather than once per send.
+
+    The end of the turn is one C{callLater(0)} for all connections, or, on L{ksproxy.reactor.KsproxyReactor}
+    (C{flushesOutbox}), the reactor's own call after each batch of I/O events and each round of timers: no
+    DelayedCall at all.
     """
 
     def __init__(self) -> None:
         self.owners: List[Any] = []
 
     def add(self, owner: Any, reactor: Any) -> None:
-        if not self.owners:
+        if not self.owners and not getattr(reactor, "flushesOutbox", False):
             reactor.callLater(0, self.flush)
         self.owners.append(owner)
 

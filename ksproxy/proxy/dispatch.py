@@ -122,16 +122,17 @@ class Gateway:
             exchange.sendError(400, f"bad request path: {e}")
             return
         headers = exchange.headers
-        # SPEC 7.3: before anything else, so no rule or route ever sees a client's claim of identity; the same
-        # for impersonation, which only ksproxy may ask of a kube-apiserver.
-        stripIdentityHeaders(headers)
-        stripImpersonationHeaders(headers)
-        _dropUnderscoreNames(headers)
-        for via in headers.getAll(b"via"):
-            if self.viaToken in via:
-                exchange.discardBody()
-                exchange.sendError(508, "request loop: a route leads back to this ksproxy", reason="LoopDetected")
-                return
+        if _needsScreening(headers):
+            # SPEC 7.3: before anything else, so no rule or route ever sees a client's claim of identity; the
+            # same for impersonation, which only ksproxy may ask of a kube-apiserver.
+            stripIdentityHeaders(headers)
+            stripImpersonationHeaders(headers)
+            _dropUnderscoreNames(headers)
+            for via in headers.getAll(b"via"):
+                if self.viaToken in via:
+                    exchange.discardBody()
+                    exchange.sendError(508, "request loop: a route leads back to this ksproxy", reason="LoopDetected")
+                    return
         route = state.table.lookup(exchange.method, path)
         if route is not None and route.kind == "bundle":
             self._serveBundle(exchange, state, route)
@@ -375,6 +376,19 @@ class Gateway:
         headers.add(b"Via", self._via)
         request = UpstreamRequest(endpoint, exchange.method, path.target, headers, None, upgrade)
         ProxyCall(exchange, request, self.pool, self.clock, self.timeouts, self.health).start()
+
+
+# Header names that handleRequest must look at more closely: identity and impersonation claims, names with "_",
+# and Via (loop detection).  The usual request has none, and is screened in one pass.
+_SCREENED_PREFIXES = (b"x-remote-", b"impersonate-", b"via")
+
+
+def _needsScreening(headers: Headers) -> bool:
+    for item in headers.items:
+        name = item[0]
+        if name.startswith(_SCREENED_PREFIXES) or b"_" in name:
+            return True
+    return False
 
 
 def _dropUnderscoreNames(headers: Headers) -> None:

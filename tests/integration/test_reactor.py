@@ -63,8 +63,8 @@ class KsproxyReactorTests(TestCase):
         self.assertEqual(answer, b"still serving")
 
 
-def _exchange(reactor, port: int, data: bytes) -> defer.Deferred:  # type: ignore[no-untyped-def]
-    """Send C{data} from a blocking client thread, then read until the server closes or goes quiet."""
+def _exchange(reactor, port: int, data: bytes, expect: int = 0) -> defer.Deferred:  # type: ignore[no-untyped-def]
+    """Send C{data} from a blocking client thread; read until the server closes, goes quiet, or C{expect} bytes."""
     from twisted.internet import threads
 
     def client() -> bytes:
@@ -78,7 +78,7 @@ def _exchange(reactor, port: int, data: bytes) -> defer.Deferred:  # type: ignor
                     if not chunk:
                         break
                     got += chunk
-                    if len(got) >= len(data):
+                    if len(got) >= (expect or len(data)):
                         break
             except (TimeoutError, ConnectionResetError):
                 pass
@@ -139,3 +139,39 @@ class NoDelayTests(TestCase):
             answer = yield _exchange(reactor, port.getHost().port, b"")
             self.assertEqual(answer, b"x")
         self.assertEqual([bool(v) for v in seen], [True, True, True])
+
+
+@pyunittest.skipUnless(HAS_EPOLL, "epoll is Linux-only")
+class OutboxTests(TestCase):
+    """On KsproxyReactor the write outbox is flushed by the reactor itself, after I/O events and after timers."""
+
+    @defer.inlineCallbacks
+    def test_writesFromTimersAndFromReadsLeaveWithoutADelayedCall(self):  # type: ignore[no-untyped-def]
+        from twisted.internet import reactor
+
+        from ksproxy.http.writes import BatchedWriter, directSocket
+
+        scheduled = []
+        real = reactor.callLater
+
+        def spy(delay, f, *a, **kw):  # type: ignore[no-untyped-def]
+            scheduled.append(getattr(f, "__qualname__", repr(f)))
+            return real(delay, f, *a, **kw)
+
+        class Writer(BatchedWriter, protocol.Protocol):
+            def connectionMade(self) -> None:
+                self._out = []
+                self._sock = directSocket(self.transport)
+
+            def dataReceived(self, data: bytes) -> None:
+                self._writeOut([b"read:", data])  # from an I/O event
+                # ...and from a timer: the reactor flushes after its timers too, not only after I/O.
+                reactor.callLater(0.01, self._writeOut, [b" timer"])
+
+        port = reactor.listenTCP(0, protocol.Factory.forProtocol(Writer), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        self.patch(reactor, "callLater", spy)
+        expected = b"read:hello timer"
+        answer = yield _exchange(reactor, port.getHost().port, b"hello", len(expected))
+        self.assertEqual(answer, expected)
+        self.assertNotIn("_Outbox.flush", scheduled)

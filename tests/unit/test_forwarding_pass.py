@@ -64,3 +64,23 @@ def test_onePassMatchesTheStepByStepRules(seed: int) -> None:
         context = (pairs, upgrade, secure, trusted)
         assert [list(i) for i in got.items] == [list(i) for i in want.items], context
         assert (gotUpgrade, gotHost) == (wantUpgrade, wantHost), context
+
+
+def test_screeningCatchesEveryHeaderTheStrippersRemove() -> None:
+    """handleRequest skips the strippers when the one-pass screen finds nothing: it must find all they remove."""
+    from ksproxy.auth import identity
+    from ksproxy.http.headers import Headers
+    from ksproxy.proxy.dispatch import _needsScreening
+
+    names = [
+        *identity._IDENTITY_NAMES,
+        identity._IDENTITY_EXTRA + b"scopes",
+        *identity._IMPERSONATE_NAMES,
+        identity._IMPERSONATE_EXTRA + b"scopes",
+        b"x_remote_user",
+        b"via",
+    ]
+    for name in names:
+        headers = Headers([(b"Accept", b"*/*"), (name.title(), b"v")])
+        assert _needsScreening(headers), name
+    assert not _needsScreening(Headers([(b"Accept", b"*/*"), (b"X-Request-Id", b"1"), (b"Host", b"h")]))
