@@ -29,7 +29,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from .errors import phrase, statusBody
-from .headers import Headers
+from .headers import Headers, renderInto
 from .writes import BatchedWriter, directSocket, flushOut, noDelay
 
 __all__ = ["ServerLimits", "Exchange", "IRequestHandler", "HTTPServerProtocol", "HTTPServerFactory"]
@@ -289,9 +289,10 @@ class Exchange:
         self._noBody = noBody
         lines = [b"HTTP/1.1 %d %s\r\n" % (code, reason or phrase(code))]
         if isinstance(headers, Headers):
-            lines.extend([b"%s: %s\r\n" % (n, v) for _, n, v in headers.items])
+            renderInto(lines, headers.items)
         else:
-            lines.extend([b"%s: %s\r\n" % (n, v) for n, v in headers])
+            for name, value in headers:
+                lines += (name, b": ", value, b"\r\n")
         if code == 101:
             lines.append(b"Connection: Upgrade\r\n")
         else:

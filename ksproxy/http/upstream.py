@@ -91,7 +91,10 @@ class UpstreamConnection(BatchedWriter, Protocol):
         self._parser = httptools.HttpResponseParser(self)
         self._headers: List[List[bytes]] = []  # Headers items: [lowerName, name, value]
         self._reason = b""
-        self._headBytes = 0
+        self._headBytes = 0  # trailers
+        self._inHead = False
+        self._headSeen = 0
+        self._readSize = 0
         self._gotHead = False
         self._inBody = False
         self._headRequest = False
@@ -232,8 +235,15 @@ class UpstreamConnection(BatchedWriter, Protocol):
             sink.responseFlush()
 
     def _feed(self, data: bytes) -> None:
+        self._readSize = len(data)
         try:
             self._parser.feed_data(data)
+            if self._inHead:
+                # llhttp holds a header line until it ends, so a head that never ends must be cut by its size.
+                # A head that began in this read counts from the next one (one read of slack).
+                self._headSeen = self._headSeen + len(data) if self._headSeen >= 0 else 0
+                if self._headSeen > MAX_RESPONSE_HEAD:
+                    self._fail(UpstreamResponseTooLarge(f"response headers larger than {MAX_RESPONSE_HEAD} bytes"))
         except httptools.HttpParserUpgrade as upgrade:
             rest = data[upgrade.args[0] :]
             self._tunnel = True
@@ -267,17 +277,19 @@ class UpstreamConnection(BatchedWriter, Protocol):
     def on_message_begin(self) -> None:
         self._headers = []
         self._reason = b""
-        self._headBytes = 0
+        self._inHead = True
+        self._headSeen = -1  # counted per read, from the next one (see _feed)
 
     def on_status(self, status: bytes) -> None:
         self._reason += status
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._headBytes += len(name) + len(value) + 4
-        if self._headBytes > MAX_RESPONSE_HEAD:
-            raise UpstreamResponseTooLarge(f"response headers larger than {MAX_RESPONSE_HEAD} bytes")
+        # The head's size is checked per read in _feed, not per header (this runs for every header).
         if self._inBody:
-            # After the body: trailers.
+            # After the body: trailers, counted here (they are rare).
+            self._headBytes += len(name) + len(value) + 4
+            if self._headBytes > MAX_RESPONSE_HEAD:
+                raise UpstreamResponseTooLarge(f"response trailers larger than {MAX_RESPONSE_HEAD} bytes")
             if self._trailers is None:
                 self._trailers = []
             self._trailers.append((name, value.rstrip(b" \t")))
@@ -285,6 +297,12 @@ class UpstreamConnection(BatchedWriter, Protocol):
             self._headers.append([name.lower(), name, value.rstrip(b" \t")])
 
     def on_headers_complete(self) -> None:
+        self._inHead = False
+        if self._headSeen >= 0 or self._readSize > MAX_RESPONSE_HEAD:
+            # The head spanned reads (or came in one huge one): the per-read count has slack, count exactly.
+            size = sum(len(item[1]) + len(item[2]) + 4 for item in self._headers)
+            if size > MAX_RESPONSE_HEAD:
+                raise UpstreamResponseTooLarge(f"response headers larger than {MAX_RESPONSE_HEAD} bytes")
         parser = self._parser
         code = parser.get_status_code()
         headers = Headers.fromItems(self._headers)
@@ -294,6 +312,7 @@ class UpstreamConnection(BatchedWriter, Protocol):
             return
         self._gotHead = True
         self._inBody = True
+        self._headBytes = 0
         self._closeDelimited = (
             b"content-length" not in headers and b"transfer-encoding" not in headers and code not in (204, 304)
         )

@@ -18,7 +18,7 @@ from twisted.internet.error import ConnectError, ConnectionRefusedError, DNSLook
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from ..http.headers import Headers
+from ..http.headers import Headers, renderInto
 from ..http.server import Exchange
 from ..http.upstream import UpstreamConnection, UpstreamPool, UpstreamResponseTooLarge
 from ..model.types import Endpoint
@@ -210,8 +210,8 @@ class ProxyCall:
             if b"content-length" not in headers:
                 self._chunkedUp = True
                 headers.add(b"Transfer-Encoding", b"chunked")
-        head = [b"%s %s HTTP/1.1\r\n" % (request.method, request.target)]
-        head.extend([b"%s: %s\r\n" % (n, v) for _, n, v in headers.items])
+        head = [request.method, b" ", request.target, b" HTTP/1.1\r\n"]
+        renderInto(head, headers.items)
         head.append(b"\r\n")
         if self._timer is not None:
             # The connect timer ends here: from now on the connection hosts this call's timer.

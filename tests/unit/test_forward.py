@@ -226,6 +226,66 @@ class ResponseHeaderTimeoutTests(ForwardTestCase):
         self.assertStatus(504)
 
 
+class ResponseHeadLimitTests(ForwardTestCase):
+    """An upstream's response head (and trailers) are bounded: a head that never ends is cut, not buffered."""
+
+    def test_endlessHeadInManyReads(self) -> None:
+        from ksproxy.http.upstream import MAX_RESPONSE_HEAD
+
+        self.get()
+        conn, up = self.pool.accept()
+        conn.dataReceived(b"HTTP/1.1 200 OK\r\n")
+        line = b"X-Filler: " + b"a" * 1000 + b"\r\n"
+        sent = 0
+        while not up.aborted and sent < 4 * MAX_RESPONSE_HEAD:
+            conn.dataReceived(line * 8)
+            sent += len(line) * 8
+        self.assertTrue(up.aborted)
+        self.assertLess(sent, MAX_RESPONSE_HEAD + 3 * len(line) * 8)
+        self.assertStatus(502)
+        self.assertIn(b"malformed response", self.answered())
+
+    def test_oneHugeHeaderLine(self) -> None:
+        """llhttp holds an unfinished line: no on_header call ever comes, the read count still cuts it."""
+        from ksproxy.http.upstream import MAX_RESPONSE_HEAD
+
+        self.get()
+        conn, up = self.pool.accept()
+        conn.dataReceived(b"HTTP/1.1 200 OK\r\nX-Huge: ")
+        for _ in range(2 * MAX_RESPONSE_HEAD // 16384 + 2):
+            if up.aborted:
+                break
+            conn.dataReceived(b"b" * 16384)
+        self.assertTrue(up.aborted)
+        self.assertStatus(502)
+
+    def test_bigButBoundedHeadAndBodyInOneRead(self) -> None:
+        """Body bytes in the same read as the head do not count against the head."""
+        self.get()
+        conn, up = self.pool.accept()
+        body = b"z" * 600_000
+        conn.dataReceived(
+            b"HTTP/1.1 200 OK\r\nX-Big: " + b"h" * 100_000 + b"\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+        )
+        self.assertFalse(up.aborted)
+        self.assertStatus(200)
+        self.assertTrue(self.answered().endswith(body))
+
+    def test_endlessTrailers(self) -> None:
+        from ksproxy.http.upstream import MAX_RESPONSE_HEAD
+
+        self.get()
+        conn, up = self.pool.accept()
+        conn.dataReceived(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n")
+        line = b"X-Trailer: " + b"t" * 1000 + b"\r\n"
+        for _ in range(MAX_RESPONSE_HEAD // len(line) + 2):
+            if up.aborted:
+                break
+            conn.dataReceived(line)
+        self.assertTrue(up.aborted)
+        self.assertTrue(self.client.disconnecting)  # mid-response: the client sees it incomplete
+
+
 class PooledTimerTests(ForwardTestCase):
     """On a pooled connection the call's timer lives on the connection: no DelayedCall per request."""
 
