@@ -234,6 +234,22 @@ class Directives:
     replace: Tuple[Tuple[str, str], ...] = ()
     pathRegexp: Tuple[RegexpRule, ...] = ()
     authProxy: bool = False
+    # Derived: whether any directive reads or changes the request or the response (the forwarder skips building
+    # a request view when none does).
+    active: bool = attrs.field(init=False, eq=False, repr=False)
+
+    def __attrs_post_init__(self) -> None:
+        active = bool(
+            self.method
+            or self.stripPathPrefix
+            or self.stripPathSuffix
+            or self.headerUp
+            or self.headerDown
+            or self.rewrite
+            or self.replace
+            or self.pathRegexp
+        )
+        object.__setattr__(self, "active", active)
 
 
 @attrs.frozen

@@ -332,24 +332,26 @@ class Gateway:
         if self._upstreamDown(exchange, endpoint):
             return
         headers, upgrade, clientHost = self._forwardingHeaders(exchange, endpoint)
-        view = RequestView(method=exchange.method, host=clientHost, rawPath=path.rawPath, query=path.query, headers=headers)
         directives = rp.directives
-        applyRequestDirectives(directives, view)
+        method, rawPath, query = exchange.method, path.rawPath, path.query
+        rewriteResponse = None
+        if directives.active:
+            view = RequestView(method=method, host=clientHost, rawPath=rawPath, query=query, headers=headers)
+            applyRequestDirectives(directives, view)
+            method, rawPath, query = view.method, view.rawPath, view.query
+            if directives.headerDown:
+                rules = directives.headerDown
+
+                def rewriteResponse(h: Headers) -> None:
+                    applyHeaderRules(rules, h, view)
+
         if directives.authProxy:
             addIdentityHeaders(headers, identity)
-        rawPath = view.rawPath
         if rp.upstreamPathPrefix and endpoint.path not in ("", "/"):
             rawPath = endpoint.path.rstrip("/").encode("utf-8") + rawPath
-        target = rawPath if view.query is None else rawPath + b"?" + view.query
-        rewriteResponse = None
-        if directives.headerDown:
-            rules = directives.headerDown
-
-            def rewriteResponse(h: Headers) -> None:
-                applyHeaderRules(rules, h, view)
-
+        target = rawPath if query is None else rawPath + b"?" + query
         headers.add(b"Via", self._via)
-        request = UpstreamRequest(endpoint, view.method, target, headers, rewriteResponse, upgrade)
+        request = UpstreamRequest(endpoint, method, target, headers, rewriteResponse, upgrade)
         ProxyCall(exchange, request, self.pool, self.clock, self._timeoutsFor(rp.timeouts), self.health).start()
 
     def _forwardAPIService(self, exchange: Exchange, path: RequestPath, api: APIService, identity: Identity) -> None:

@@ -459,3 +459,19 @@ def test_nothingConfiguredChangesNothing():
         b"z&a=1&a=1",
         [(b"X", b"1")],
     )
+
+
+def test_activeCoversEveryDirective() -> None:
+    """The forwarder skips directives when Directives.active is false: every field but authProxy must set it."""
+    import attrs as _attrs
+
+    from ksproxy.model.types import Directives
+
+    assert Directives().active is False
+    samples = {"method": "POST", "stripPathPrefix": "/a", "stripPathSuffix": ".x", "authProxy": True}
+    for field in _attrs.fields(Directives):
+        if not field.init:
+            continue
+        value = samples.get(field.name, ("x",))
+        d = Directives(**{field.name: value})
+        assert d.active is (field.name != "authProxy"), field.name
