@@ -66,6 +66,9 @@ class IResponseSink(TypingProtocol):
 MAX_RESPONSE_HEAD = 256 * 1024
 
 
+_FRAMING = frozenset([b"content-length", b"transfer-encoding"])
+
+
 class UpstreamResponseTooLarge(Exception):
     """The upstream's response head exceeds L{MAX_RESPONSE_HEAD}."""
 
@@ -313,9 +316,12 @@ class UpstreamConnection(BatchedWriter, Protocol):
         self._gotHead = True
         self._inBody = True
         self._headBytes = 0
-        self._closeDelimited = (
-            b"content-length" not in headers and b"transfer-encoding" not in headers and code not in (204, 304)
-        )
+        framed = False
+        for item in self._headers:
+            if item[0] in _FRAMING:
+                framed = True
+                break
+        self._closeDelimited = not framed and code not in (204, 304)
         if self.sink is not None:
             self.sink.responseHead(code, self._reason, headers, self)
         if self._headRequest and code != 101:
