@@ -172,10 +172,10 @@ class HealthRegistry:
 
     # -- request path -----------------------------------------------------------------------------------------
 
-    def isDown(self, upstreamKey: tuple) -> bool:
+    def isDown(self, upstreamKey: str) -> bool:
         return upstreamKey in self._down
 
-    def passiveFailure(self, upstreamKey: tuple) -> None:
+    def passiveFailure(self, upstreamKey: str) -> None:
         keys = self._byUpstream.get(upstreamKey)
         if not keys:
             return
@@ -186,7 +186,7 @@ class HealthRegistry:
             for key in keys:
                 self.checkers[key].forceDown(f"{count} consecutive failed requests")
 
-    def passiveSuccess(self, upstreamKey: tuple) -> None:
+    def passiveSuccess(self, upstreamKey: str) -> None:
         if upstreamKey in self._passive:
             del self._passive[upstreamKey]
 
@@ -227,7 +227,7 @@ class HealthRegistry:
         else:
             self._down.discard(upstream)
 
-    def upstreamHealthy(self, upstreamKey: tuple) -> Optional[bool]:
+    def upstreamHealthy(self, upstreamKey: str) -> Optional[bool]:
         """True/False once checked, None when no checker covers it or none has completed yet."""
         keys = self._byUpstream.get(upstreamKey)
         if not keys:

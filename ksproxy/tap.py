@@ -417,7 +417,7 @@ def _whenSynced(source: service.Service, reconciler: Reconciler) -> None:
         synced.addCallback(reconciler.markReady)
 
 
-def _liveKeys(report) -> set[tuple]:  # type: ignore[no-untyped-def]
+def _liveKeys(report) -> set[str]:  # type: ignore[no-untyped-def]
     from .model.types import APIService, ReverseProxy
 
     keys = set()

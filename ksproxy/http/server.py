@@ -405,6 +405,7 @@ class HTTPServerProtocol(BatchedWriter, Protocol):
         self.handler = factory.handler
         self.limits = factory.limits
         self.clock = factory.clock
+        self._timerSpan = min(self.limits.headerTimeout, self.limits.keepAliveTimeout)  # see _ensureTimer
         self.peerHost = "-"
         self.secure = False
         self._sock: Optional[socket.socket] = None  # for writing through (L{sendNow}); None on TLS
@@ -804,15 +805,13 @@ class HTTPServerProtocol(BatchedWriter, Protocol):
     # fires early it re-arms for what is left.
 
     def _ensureTimer(self, now: float) -> None:
-        limits = self.limits
-        latest = now + min(limits.headerTimeout, limits.keepAliveTimeout)
+        span = self._timerSpan
         timer = self._timer
-        if timer is not None:
-            if timer.active() and timer.getTime() <= latest:
+        if timer is not None and timer.active():
+            if timer.getTime() <= now + span:
                 return
-            if timer.active():
-                timer.cancel()
-        self._timer = self.clock.callLater(latest - now, self._timedOut)
+            timer.cancel()
+        self._timer = self.clock.callLater(span, self._timedOut)
 
     def _cancelTimer(self) -> None:
         if self._timer is not None and self._timer.active():

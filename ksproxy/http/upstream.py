@@ -85,7 +85,7 @@ class UpstreamConnection(BatchedWriter, Protocol):
     slowly (L{pauseProducing} stops reading the response from the upstream).
     """
 
-    def __init__(self, pool: UpstreamPool, key: tuple) -> None:
+    def __init__(self, pool: UpstreamPool, key: str) -> None:
         self.pool = pool
         self.key = key
         self.sink: Optional[IResponseSink] = None
@@ -439,14 +439,14 @@ class UpstreamPool:
         self.maxIdlePerKey = maxIdlePerKey
         self.idleTimeout = idleTimeout
         self.connectTimeout = connectTimeout
-        self._idle: Dict[tuple, List[UpstreamConnection]] = {}
+        self._idle: Dict[str, List[UpstreamConnection]] = {}
         self._timers: Dict[int, object] = {}
-        self._endpoints: Dict[tuple, IStreamClientEndpoint] = {}
+        self._endpoints: Dict[str, IStreamClientEndpoint] = {}
         self.active = 0  # connections open (idle or busy), for metrics and leak tests
         self.onConnect: Optional[Callable[[Endpoint], None]] = None
         self.closed = False  # shutting down: connections that finish their exchange are closed, not pooled
 
-    def idleCount(self, key: Optional[tuple] = None) -> int:
+    def idleCount(self, key: Optional[str] = None) -> int:
         if key is not None:
             return len(self._idle.get(key, ()))
         return sum(len(v) for v in self._idle.values())
@@ -533,7 +533,7 @@ class UpstreamPool:
         if idle is not None and not idle:
             del self._idle[conn.key]
 
-    def prune(self, liveKeys: set[tuple]) -> None:
+    def prune(self, liveKeys: set[str]) -> None:
         """Close idle connections and drop TLS creators of upstreams no route uses any more."""
         for key in [k for k in self._idle if k not in liveKeys]:
             for conn in self._idle.pop(key):

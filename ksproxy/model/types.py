@@ -9,7 +9,8 @@ watcher thread and the reactor.
 from __future__ import annotations
 
 import hashlib
-from typing import Mapping, Optional, Tuple, Union
+import itertools
+from typing import Dict, Mapping, Optional, Tuple, Union
 
 import attrs
 
@@ -112,6 +113,20 @@ class ClientCertificate:
     keyFile: str
 
 
+# Distinct TLS settings get distinct numbers for Endpoint.key (settings equal in value share one).  Grows with
+# every distinct setting seen in this process (a caBundle rotation adds one): a few bytes each.
+_TLS_IDENTITIES: Dict[TLSSettings, int] = {}
+_PLAIN = TLSSettings()
+_nextTLSIdentity = itertools.count(1)
+
+
+def _tlsIdentity(tls: TLSSettings) -> int:
+    if tls == _PLAIN:
+        return 0
+    # setdefault and next() are each atomic: parsing runs in several threads.
+    return _TLS_IDENTITIES.setdefault(tls, next(_nextTLSIdentity))
+
+
 @attrs.frozen(cache_hash=True)  # hashed per request (pool and health keys)
 class Endpoint:
     """
@@ -127,10 +142,13 @@ class Endpoint:
     path: str = ""
     tls: TLSSettings = TLSSettings()
 
-    @property
-    def key(self) -> Tuple[str, str, int, TLSSettings]:
-        """The identity used to share connection pools and health checkers."""
-        return (self.scheme, self.host, self.port, self.tls)
+    # The identity used to share connection pools and health checkers: scheme, host, port and TLS settings, as
+    # one string (its hash is computed once by Python; a tuple holding TLSSettings would call attrs' __hash__
+    # every time, and the key is looked up several times per request).
+    key: str = attrs.field(init=False, eq=False, repr=False)
+
+    def __attrs_post_init__(self) -> None:
+        object.__setattr__(self, "key", f"{self.scheme}://{self.host}:{self.port}#{_tlsIdentity(self.tls)}")
 
     @property
     def hostport(self) -> str:

@@ -38,6 +38,8 @@ HOP_BY_HOP = frozenset(
         b"transfer-encoding",
         b"upgrade",
         b"proxy-connection",
+        # RFC 9110 7.6.1: the field name "Close" is reserved (it would collide with the connection option).
+        b"close",
     ]
 )
 
@@ -63,6 +65,8 @@ _DROP_DOWN = HOP_BY_HOP | {b"content-length"}
 
 def _connectionTokens(value: bytes, named: Optional[set]) -> Optional[set]:
     """Add the header names listed in one C{Connection} value to C{named} (created when needed)."""
+    if value.lower() in HOP_BY_HOP:
+        return named  # the usual "keep-alive" or "close": it names a header that is dropped anyway
     for token in value.split(b","):
         token = token.strip().lower()
         if token:

@@ -15,6 +15,7 @@ from twisted.internet import defer, reactor, threads
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
+from ksproxy.model.types import Endpoint
 from tests.integration.faulty import (
     ScriptedProtocol,
     ScriptedUpstream,
@@ -213,7 +214,7 @@ class FlapTests(TestCase):
         self.gw = RunningGateway({"flap.yaml": proxy("flap", port, extra)})
         yield self.gw.start()
         self.health = self.gw.service.gateway.health
-        self.key = ("http", "127.0.0.1", port)
+        self.key = Endpoint("http", "127.0.0.1", port).key
         self.connects: List[object] = []
         self.gw.service.pool.onConnect = self.connects.append
 
@@ -223,7 +224,7 @@ class FlapTests(TestCase):
         yield self.upstream.cleanup()
 
     def isDown(self) -> bool:
-        return any(k[:3] == self.key and self.health.isDown(k) for k in list(self.health._byUpstream))
+        return self.health.isDown(self.key)
 
     def waitFor(self, condition, timeout: float = 3.0):  # type: ignore[no-untyped-def]
         return eventually(condition, timeout=timeout)

@@ -295,3 +295,22 @@ class HttpProbeTests(SynchronousTestCase):
             httpProbe(FakeClient(503))(A, HealthCheck(target="/livez", status=204))
         )
         self.assertEqual(message, "http://a.example/livez answered 503, expected 204")
+
+
+def test_endpointKeyIsTheUpstreamIdentity() -> None:
+    """Endpoint.key (a string, hashed once): scheme, host, port and TLS settings by value; not the path."""
+    from ksproxy.model.types import Endpoint, TLSSettings
+
+    ca = TLSSettings(caBundle=b"-----BEGIN CERTIFICATE-----\nx\n-----END CERTIFICATE-----\n")
+    same = TLSSettings(caBundle=bytes(ca.caBundle))  # equal by value, another object
+    assert Endpoint("https", "h", 443, "/a", ca).key == Endpoint("https", "h", 443, "/b", same).key
+    keys = {
+        Endpoint("https", "h", 443, tls=ca).key,
+        Endpoint("https", "h", 443).key,
+        Endpoint("https", "h", 443, tls=TLSSettings(insecureSkipVerify=True)).key,
+        Endpoint("http", "h", 443).key,
+        Endpoint("https", "h", 8443).key,
+        Endpoint("https", "h2", 443).key,
+    }
+    assert len(keys) == 6
+    assert all(isinstance(k, str) for k in keys)
