@@ -335,7 +335,9 @@ def compilePattern(pattern: str) -> PathPattern:
     return _compilePattern(pattern)
 
 
-@functools.lru_cache(maxsize=4096)
+# Large enough for every matcher of a 10,000-object table plus its next version: the parser compiles each
+# pattern to validate it, and the table compiler finds it here instead of compiling it again.
+@functools.lru_cache(maxsize=32768)
 def _compilePattern(pattern: str) -> PathPattern:
     source = pattern.strip()
     if not source:

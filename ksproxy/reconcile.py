@@ -5,6 +5,10 @@ Sources feed the L{Inventory} on the reactor thread; every change schedules a si
 reactor turn, so a burst of watch events costs one compile (buildbot's C{reconfig_requested}).  The rebuild
 compiles the table, resolves bundle bytes, and replaces the gateway's L{ServedState} with one assignment.
 Observers (connection pool, health checkers, bundle fetcher, status writer) then reconcile against the report.
+
+In threaded mode only the swap runs on the reactor: the compile and everything O(n) that the reactor would
+otherwise do afterwards (the problems to log) run in the thread pool, inside a build window
+(L{ksproxy.routing.background}), and the replaced table and report are freed in the thread pool too.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from .bundles import resolveBundle
 from .model.types import STATE_AVAILABLE, STATE_DISABLED, JSBundle, Resource
 from .proxy.dispatch import Gateway, ServedState
 from .routing import CompileResult, compileTable
+from .routing.background import buildWindow, releaseInWindow
 from .sources.inventory import Inventory, InventorySnapshot
 
 __all__ = ["Reconciler", "BuildReport", "servability"]
@@ -39,6 +44,9 @@ class BuildReport:
     # (kind, name) -> why it is not servable (disabled, state gate, unresolved reference), if it is not.
     unservable: Dict[Tuple[str, str], str]
     seconds: float
+    # (level, message) for each problem of this build, worked out with the build (off the reactor).
+    problems: Tuple[Tuple[str, str], ...] = ()
+    rejected: int = 0  # objects whose latest version was rejected
 
 
 def servability(resource: Resource, stateGate: Optional[str], refErrors: Dict[str, str]) -> Tuple[bool, str]:
@@ -111,7 +119,7 @@ class Reconciler:
 
         self._building = True
         snapshot, generation, ready = self.inventory.snapshot(), self.generation + 1, self.ready
-        d = deferToThreadPool(self.clock, self.clock.getThreadPool(), self._compute, snapshot, generation)
+        d = deferToThreadPool(self.clock, self.clock.getThreadPool(), self._computeInWindow, snapshot, generation)
         d.addCallback(lambda built: self._install(*built, ready))
         d.addErrback(lambda f: log.failure("building route table generation {generation} failed", f, generation=generation))
         d.addBoth(self._built)
@@ -128,6 +136,12 @@ class Reconciler:
             self._pending.cancel()
         self._pending = None
         return self._install(*self._compute(self.inventory.snapshot(), self.generation + 1), self.ready)
+
+    def _computeInWindow(
+        self, snapshot: InventorySnapshot, generation: int
+    ) -> Tuple[BuildReport, Dict[str, object]]:
+        with buildWindow():
+            return self._compute(snapshot, generation)
 
     def _compute(self, snapshot: InventorySnapshot, generation: int) -> Tuple[BuildReport, Dict[str, object]]:
         """Pure: bundle bytes, servability and the compiled table for one snapshot."""
@@ -150,6 +164,7 @@ class Reconciler:
             return ok, reason
 
         compiled = compileTable(snapshot.resources, generation=generation, isServable=isServable)
+        problems, rejected = _problems(snapshot, compiled, unservable)
         report = BuildReport(
             generation=generation,
             snapshot=snapshot,
@@ -157,11 +172,14 @@ class Reconciler:
             refErrors=refErrors,
             unservable=unservable,
             seconds=time.perf_counter() - started,
+            problems=problems,
+            rejected=rejected,
         )
         return report, bundles
 
     def _install(self, report: BuildReport, bundles: Dict[str, object], ready: bool) -> BuildReport:
         """On the reactor: the swap (one assignment), then the observers."""
+        replaced = [self.gateway.state, self.report]
         self.generation = report.generation
         self.gateway.state = ServedState(report.compiled.table, bundles, report.generation, ready)
         self.rebuilds += 1
@@ -176,37 +194,50 @@ class Reconciler:
                 observer(report)
             except Exception:
                 log.failure("observer of the route table failed")
+        if self.threaded:
+            # Freeing a large table and its report takes a while: a pool thread does it, in small steps.
+            self.clock.getThreadPool().callInThread(releaseInWindow, replaced)
         return report
+
+
+def _problems(
+    snap: InventorySnapshot, compiled: CompileResult, unservable: Dict[Tuple[str, str], str]
+) -> Tuple[Tuple[Tuple[str, str], ...], int]:
+    """Every problem a build has to report, as (log level, message), and the number of rejected objects."""
+    problems = []
+    rejected = 0
+    for record in snap.records.values():
+        if record.rejection is not None:
+            rejected += 1
+            suffix = " (serving its last good version)" if record.current is not None else ""
+            problems.append(("warn", f"rejected {record.rejection}{suffix}"))
+        if record.warnings:
+            problems.extend(("warn", f"warning: {w}") for w in record.warnings)
+        if record.notes:
+            problems.extend(("debug", f"note: {n}") for n in record.notes)
+    problems.extend(("warn", f"conflict: {c.message}") for c in compiled.conflicts)
+    problems.extend(("warn", f"duplicate: {d}") for d in snap.duplicates)
+    problems.extend(("info", f"skipped: {s}") for s in snap.skipped)
+    problems.extend(("error", f"cannot load {e.message}") for e in snap.sourceErrors)
+    problems.extend(("warn", f"not servable: {kind}/{name}: {why}") for (kind, name), why in unservable.items())
+    return tuple(problems), rejected
 
 
 def _logReport(report: BuildReport, logged: frozenset) -> frozenset:
     """One summary line per build; each problem once, when it appears (not again on every rebuild)."""
-    snap = report.snapshot
     log.info(
         "route table generation {generation}: {count} resources served, {rejected} rejected, "
         "{conflicts} conflicts, built in {ms:.1f} ms",
         generation=report.generation,
-        count=len(snap.resources),
-        rejected=sum(1 for r in snap.records.values() if r.rejection is not None),
+        count=len(report.snapshot.resources),
+        rejected=report.rejected,
         conflicts=len(report.compiled.conflicts),
         ms=report.seconds * 1000,
     )
-    problems = []
-    for record in snap.records.values():
-        if record.rejection is not None:
-            suffix = " (serving its last good version)" if record.current is not None else ""
-            problems.append(("warn", f"rejected {record.rejection}{suffix}"))
-        problems.extend(("warn", f"warning: {w}") for w in record.warnings)
-        problems.extend(("debug", f"note: {n}") for n in record.notes)
-    problems.extend(("warn", f"conflict: {c.message}") for c in report.compiled.conflicts)
-    problems.extend(("warn", f"duplicate: {d}") for d in snap.duplicates)
-    problems.extend(("info", f"skipped: {s}") for s in snap.skipped)
-    problems.extend(("error", f"cannot load {e.message}") for e in snap.sourceErrors)
-    problems.extend(("warn", f"not servable: {kind}/{name}: {why}") for (kind, name), why in report.unservable.items())
-    for level, message in problems:
+    for level, message in report.problems:
         if message not in logged:
             getattr(log, level)("{message}", message=message)
-    return frozenset(message for _, message in problems)
+    return frozenset(message for _, message in report.problems)
 
 
 def statusInputs(report: BuildReport, health=None) -> list:  # type: ignore[no-untyped-def]

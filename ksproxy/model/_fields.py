@@ -12,7 +12,8 @@ from __future__ import annotations
 import datetime
 import math
 import re
-from typing import Any, Iterable, List, Mapping, Optional, Tuple
+from collections.abc import Mapping
+from typing import Any, Callable, Dict, Hashable, Iterable, List, Optional, Tuple, TypeVar
 
 import attrs
 
@@ -68,6 +69,86 @@ class Context:
         self.notes.append(f"{self._where()}: {field}: {message}" if field else f"{self._where()}: {message}")
 
 
+class _Recorder:
+    """
+    Stands in for a L{Context} in a memoized sub-parse: remembers the warnings and notes made, so that they
+    can be replayed into the context of every object that shares the result.
+    """
+
+    __slots__ = ("kind", "name", "calls")
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self.name = ""
+        self.calls: List[Tuple[bool, str, str]] = []
+
+    def warn(self, field: str, message: str) -> None:
+        self.calls.append((True, field, message))
+
+    def note(self, field: str, message: str) -> None:
+        self.calls.append((False, field, message))
+
+
+_T = TypeVar("_T")
+_Memo = Tuple[Any, Tuple[Tuple[bool, str, str], ...], Optional[Tuple[str, str]]]
+# Entries per generation; see L{Memo}.
+_MEMO_LIMIT = 16384
+
+
+class Memo:
+    """
+    Results of a pure sub-parse by a hashable key of everything it reads: the value, the warnings and notes
+    it made (replayed into the caller's context, so messages still name the object being parsed), or the
+    L{Invalid} it raised.
+
+    Two generations: when the current one is full it becomes the previous one (the older is dropped), and a
+    hit in the previous one is carried over.  So what the last rebuild used stays cached however large it was
+    (up to C{limit}), and what no rebuild uses any more goes away: a rebuild in which every object changed in
+    one field re-parses only that field, and many objects naming the same upstream parse it once.
+
+    Safe to share between threads: entries are immutable, and a lost race only costs a recomputation.
+    """
+
+    def __init__(self, limit: int = _MEMO_LIMIT) -> None:
+        self._limit = limit
+        self._current: Dict[Hashable, _Memo] = {}
+        self._previous: Dict[Hashable, _Memo] = {}
+
+    def clear(self) -> None:
+        self._current = {}
+        self._previous = {}
+
+    def __len__(self) -> int:
+        return len(self._current) + len(self._previous)
+
+    def get(self, ctx: Context, key: Hashable, compute: Callable[[Context], _T]) -> _T:
+        """C{compute(recordingContext)}, or its remembered outcome for C{key}."""
+        current = self._current
+        entry = current.get(key)
+        if entry is None:
+            entry = self._previous.get(key)
+            if entry is None:
+                recorder: Any = _Recorder(ctx.kind)
+                try:
+                    entry = (compute(recorder), tuple(recorder.calls), None)
+                except Invalid as e:
+                    entry = (None, tuple(recorder.calls), (e.field, e.message))
+            if len(current) >= self._limit:
+                self._previous, self._current = current, {}
+                current = self._current
+            current[key] = entry
+        value, calls, error = entry
+        if calls:
+            for isWarning, field, message in calls:
+                if isWarning:
+                    ctx.warn(field, message)
+                else:
+                    ctx.note(field, message)
+        if error is not None:
+            raise Invalid(*error)
+        return value  # type: ignore[no-any-return]
+
+
 def typeName(value: Any) -> str:
     """Name a raw value's type in the vocabulary of the manifest (YAML/JSON), not Python's."""
     if value is None:
@@ -90,6 +171,8 @@ def typeName(value: Any) -> str:
 
 
 def join(path: str, key: Any) -> str:
+    if key.__class__ is str:
+        return f"{path}.{key}" if path else key
     if isinstance(key, int) and not isinstance(key, bool):
         return f"{path}[{key}]"
     return f"{path}.{key}" if path else str(key)
@@ -102,8 +185,11 @@ class Fields:
     C{known} are the keys the parser reads here, C{ignored} keys it accepts and deliberately ignores.  Any
     other key is reported when the view is made: as a debug note normally, or as a warning when the key is
     one that an enclosing mapping understands (a repeated or mis-indented key, such as C{spec.rawFrom.rawFrom}:
-    the author believes it has an effect and it has none).
+    the author believes it has an effect and it has none).  Pass C{known} and C{ignored} as frozensets (module
+    constants) to save building them per view.
     """
+
+    __slots__ = ("ctx", "data", "path", "known", "ignored", "parent")
 
     def __init__(
         self,
@@ -114,16 +200,37 @@ class Fields:
         ignored: Iterable[str] = (),
         parent: Optional[Fields] = None,
     ) -> None:
-        if not isinstance(data, Mapping):
+        if data.__class__ is not dict and not isinstance(data, Mapping):
             raise Invalid(path, f"must be an object, not {typeName(data)}")
         self.ctx = ctx
         self.data = data
         self.path = path
-        self.known = frozenset(known)
-        self.ignored = frozenset(ignored)
+        self.known = known = known if known.__class__ is frozenset else frozenset(known)
+        self.ignored = ignored if ignored.__class__ is frozenset else frozenset(ignored)
         self.parent = parent
         for key in data:
-            self._checkKey(key)
+            if key not in known:
+                self._checkKey(key)
+
+    def rebind(self, ctx: Context) -> Fields:
+        """The same view reporting to C{ctx} (for a memoized sub-parse); its keys were checked already."""
+        other = Fields.__new__(Fields)
+        other.ctx = ctx
+        other.data = self.data
+        other.path = self.path
+        other.known = self.known
+        other.ignored = self.ignored
+        other.parent = self.parent
+        return other
+
+    def identity(self) -> Tuple[str, Tuple[frozenset, ...]]:
+        """What a sub-parse of this view depends on besides its data: the path, and the key sets up the chain."""
+        chain = []
+        view: Optional[Fields] = self
+        while view is not None:
+            chain.append(view.known)
+            view = view.parent
+        return (self.path, tuple(chain))
 
     def _checkKey(self, key: Any) -> None:
         if key in self.known:
@@ -197,15 +304,17 @@ class Fields:
         return Fields(self.ctx, value, self.at(key), known, ignored, parent=self)
 
     def list(self, key: str) -> Optional[List[Any]]:
-        value = self.get(key)
+        value = self.data.get(key)
         if value is None:
             return None
-        if not isinstance(value, (list, tuple)):
+        if value.__class__ is not list and not isinstance(value, (list, tuple)):
             raise Invalid(self.at(key), f"must be a list, not {typeName(value)}")
         return list(value)
 
     def strings(self, key: str) -> Tuple[Tuple[str, str], ...]:
         """A list of strings, each paired with its field path (for rejections that name the index)."""
+        if self.data.get(key) is None:
+            return ()
         items = self.list(key) or []
         out = []
         for index, item in enumerate(items):

@@ -28,7 +28,8 @@ from __future__ import annotations
 import difflib
 import ipaddress
 import re
-from typing import Any, Callable, List, Mapping, Optional, Tuple, TypeVar
+from collections.abc import Mapping
+from typing import Any, Callable, Dict, List, Optional, Tuple, TypeVar
 from urllib.parse import urlsplit
 
 import attrs
@@ -37,6 +38,7 @@ from ksproxy.model._fields import (
     Context,
     Fields,
     Invalid,
+    Memo,
     checkDNSLabel,
     checkDNSSubdomain,
     isToken,
@@ -126,12 +128,43 @@ _RAWFROM_KEYS = _ENDPOINT_KEYS + ("configMapKeyRef", "secretKeyRef")
 _KEYREF_KEYS = ("name", "key", "namespace")
 _KEYREF_IGNORED = ("optional",)
 
+# The same key sets as frozensets, built once (every Fields view checks its keys against them).
+_F_TOP = frozenset(_TOP_KEYS)
+_F_META = frozenset(_META_KEYS + _META_OTHER)
+_F_STATUS = frozenset(_STATUS_KEYS)
+_F_STATUS_BUNDLE = frozenset(_STATUS_KEYS + ("link",))
+_F_STATUS_IGNORED = frozenset(_STATUS_IGNORED)
+_F_CLIENT_CERT = frozenset(_CLIENT_CERT_KEYS)
+_F_SERVICE = frozenset(_SERVICE_KEYS)
+_F_HEALTH = frozenset(_HEALTH_KEYS)
+_F_TIMEOUT = frozenset(_TIMEOUT_KEYS)
+_F_APISERVICE = frozenset(_APISERVICE_KEYS)
+_F_PROXY = frozenset(_PROXY_KEYS)
+_F_PROXY_IGNORED = frozenset(_PROXY_IGNORED)
+_F_UPSTREAM = frozenset(_UPSTREAM_KEYS)
+_F_MATCHER = frozenset(("path", "method"))
+_F_HEADER = frozenset(("up", "down"))
+_F_DIRECTIVE = frozenset(_DIRECTIVE_KEYS)
+_F_DIRECTIVE_IGNORED = frozenset(_DIRECTIVE_IGNORED)
+_F_BUNDLE = frozenset(_BUNDLE_KEYS)
+_F_RAWFROM = frozenset(_RAWFROM_KEYS)
+_F_KEYREF = frozenset(_KEYREF_KEYS)
+_F_KEYREF_IGNORED = frozenset(_KEYREF_IGNORED)
+_F_ASSETS = frozenset(("style", "files"))
+_F_STYLE = frozenset(("link", "mimeType") + _ENDPOINT_KEYS)
+_F_FILE = frozenset(("name", "link", "mimeType") + _ENDPOINT_KEYS)
+_F_NONE: frozenset = frozenset()
+
 _HOSTNAME = re.compile(r"[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?(\.[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?)*\.?")
 _CONFIG_KEY = re.compile(r"[-._a-zA-Z0-9]+")
 _MIME = re.compile(r"[A-Za-z0-9][\w.+-]*/[A-Za-z0-9][\w.+-]*(\s*;.*)?")
 _UNSAFE_IN_PATH = re.compile(r"[\s\x00-\x1f\x7f?#]")
 
 _T = TypeVar("_T")
+
+
+def _isMapping(value: Any) -> bool:
+    return value.__class__ is dict or isinstance(value, Mapping)
 
 
 @attrs.frozen
@@ -191,13 +224,13 @@ def _result(
 
 
 def _parse(ctx: Context, raw: Any) -> Tuple[Optional[Resource], Optional[str]]:
-    if not isinstance(raw, Mapping):
+    if not _isMapping(raw):
         raise Invalid("", f"a resource must be an object, not {typeName(raw)}")
     kind = raw.get("kind")
     if isinstance(kind, str):
         ctx.kind = kind
     rawMeta = raw.get("metadata")
-    if isinstance(rawMeta, Mapping) and isinstance(rawMeta.get("name"), str):
+    if _isMapping(rawMeta) and isinstance(rawMeta.get("name"), str):
         ctx.name = rawMeta["name"]
     if kind is None or kind == "":
         raise Invalid("kind", "required field is missing")
@@ -217,7 +250,7 @@ def _parse(ctx: Context, raw: Any) -> Tuple[Optional[Resource], Optional[str]]:
     if kind not in KINDS:
         return None, f"kind {kind} is not served by ksproxy"
 
-    top = Fields(ctx, raw, "", _TOP_KEYS)
+    top = Fields(ctx, raw, "", _F_TOP)
     if kind == KIND_REVERSEPROXY and _proxyTargetsConsole(rawMeta):
         return (
             None,
@@ -233,17 +266,29 @@ def _parse(ctx: Context, raw: Any) -> Tuple[Optional[Resource], Optional[str]]:
 
 
 def _proxyTargetsConsole(rawMeta: Any) -> bool:
-    if not isinstance(rawMeta, Mapping):
+    if not _isMapping(rawMeta):
         return False
     labels = rawMeta.get("labels")
-    return isinstance(labels, Mapping) and labels.get(LABEL_PROXY_TARGET) == "ks-console"
+    return _isMapping(labels) and labels.get(LABEL_PROXY_TARGET) == "ks-console"
 
 
 # -- metadata and status ------------------------------------------------------------------------------------
 
 
+_METADATA = Memo()
+
+
 def _metadata(ctx: Context, top: Fields) -> ObjectMeta:
-    m = top.mapping("metadata", _META_KEYS + _META_OTHER, required=True)
+    """C{metadata}, memoized by what it reads (values of the ignored ObjectMeta fields are never read)."""
+    value = top.data.get("metadata")
+    if value.__class__ is not dict:
+        return _readMetadata(ctx, top)
+    shape = [(k, None if k in _META_OTHER else v) for k, v in value.items()]
+    return _METADATA.get(ctx, (ctx.kind, repr(shape)), lambda recorder: _readMetadata(recorder, top.rebind(recorder)))
+
+
+def _readMetadata(ctx: Context, top: Fields) -> ObjectMeta:
+    m = top.mapping("metadata", _F_META, required=True)
     assert m is not None
     name = m.string("name", required=True)
     assert name is not None
@@ -257,7 +302,7 @@ def _metadata(ctx: Context, top: Fields) -> ObjectMeta:
     labels = m.get("labels")
     if labels is None:
         labels = {}
-    if not isinstance(labels, Mapping):
+    if not _isMapping(labels):
         raise Invalid(m.at("labels"), f"must be an object of strings, not {typeName(labels)}")
     for key, value in labels.items():
         if not isinstance(key, str) or not isinstance(value, str):
@@ -276,8 +321,8 @@ def _metadata(ctx: Context, top: Fields) -> ObjectMeta:
 
 def _status(ctx: Context, top: Fields, kind: str) -> Tuple[Optional[str], Optional[str]]:
     """C{status.state} (with the legacy C{enabled}) and, for a JSBundle, C{status.link}."""
-    keys = _STATUS_KEYS + (("link",) if kind == KIND_JSBUNDLE else ())
-    status = top.mapping("status", keys, _STATUS_IGNORED)
+    keys = _F_STATUS_BUNDLE if kind == KIND_JSBUNDLE else _F_STATUS
+    status = top.mapping("status", keys, _F_STATUS_IGNORED)
     if status is None:
         return None, None
     state = status.string("state") or None
@@ -341,6 +386,10 @@ def _readBundle(f: Fields, key: str) -> Any:
     return value
 
 
+# Many objects name the same upstream: its parse (URL split, CA bundle load) is done once per distinct input.
+_ENDPOINTS = Memo()
+
+
 def _endpoint(
     ctx: Context,
     f: Fields,
@@ -350,7 +399,33 @@ def _endpoint(
     required: bool = True,
     keepQuery: bool = False,
 ) -> Optional[Endpoint]:
-    """SPEC 1.1: the Endpoint fields written inline in the mapping C{f}."""
+    """SPEC 1.1: the Endpoint fields written inline in the mapping C{f} (memoized, see L{_ENDPOINTS})."""
+    # Everything the parse reads: the mapping (its repr tells 1 from "1" and True), where it is (field paths
+    # in messages), and the key sets up the chain (unknown keys of nested mappings are judged against them).
+    key = (ctx.kind, f.identity(), urlAliases, caAliases, required, keepQuery, repr(f.data))
+    return _ENDPOINTS.get(
+        ctx,
+        key,
+        lambda recorder: _readEndpoint(
+            recorder,
+            f.rebind(recorder),
+            urlAliases=urlAliases,
+            caAliases=caAliases,
+            required=required,
+            keepQuery=keepQuery,
+        ),
+    )
+
+
+def _readEndpoint(
+    ctx: Context,
+    f: Fields,
+    *,
+    urlAliases: Tuple[str, ...],
+    caAliases: Tuple[str, ...],
+    required: bool,
+    keepQuery: bool,
+) -> Optional[Endpoint]:
     urlKey, url = _oneOf(f, ("url",) + urlAliases, _readString)
     hasService = f.has("service")
     if url is not None and hasService:
@@ -404,7 +479,7 @@ def _tls(f: Fields, caAliases: Tuple[str, ...]) -> TLSSettings:
 
 def _clientCertificate(f: Fields) -> Optional[ClientCertificate]:
     """Extension: C{clientCertificate: {certFile, keyFile}}, the certificate ksproxy presents upstream (mTLS)."""
-    c = f.mapping("clientCertificate", _CLIENT_CERT_KEYS)
+    c = f.mapping("clientCertificate", _F_CLIENT_CERT)
     if c is None:
         return None
     if c.has("secretRef"):
@@ -466,7 +541,7 @@ def _checkHost(field: str, host: str) -> None:
 
 
 def _service(f: Fields) -> Tuple[str, str, int, str]:
-    s = f.mapping("service", _SERVICE_KEYS, required=True)
+    s = f.mapping("service", _F_SERVICE, required=True)
     assert s is not None
     namespace = s.string("namespace", required=True)
     name = s.string("name", required=True)
@@ -548,7 +623,7 @@ def _timeouts(t: Optional[Fields]) -> Optional[UpstreamTimeouts]:
 
 
 def _apiService(ctx: Context, top: Fields, meta: ObjectMeta, state: Optional[str]) -> APIService:
-    spec = top.mapping("spec", _APISERVICE_KEYS, required=True)
+    spec = top.mapping("spec", _F_APISERVICE, required=True)
     assert spec is not None
     group = spec.string("group", required=True)
     version = spec.string("version", required=True)
@@ -565,7 +640,7 @@ def _apiService(ctx: Context, top: Fields, meta: ObjectMeta, state: Optional[str
     endpoint = _endpoint(ctx, spec, urlAliases=("endpoint",))
     assert endpoint is not None
     _unusedPathWarning(ctx, spec.path, endpoint, "APIService requests are forwarded with their own path")
-    healthCheck = _healthCheck(ctx, spec.mapping("healthCheck", _HEALTH_KEYS))
+    healthCheck = _healthCheck(ctx, spec.mapping("healthCheck", _F_HEALTH))
     return APIService(
         meta=meta,
         group=group,
@@ -574,7 +649,7 @@ def _apiService(ctx: Context, top: Fields, meta: ObjectMeta, state: Optional[str
         nonResourceURLs=tuple(urls),
         healthCheck=healthCheck,
         state=state,
-        timeouts=_timeouts(spec.mapping("timeouts", _TIMEOUT_KEYS)),
+        timeouts=_timeouts(spec.mapping("timeouts", _F_TIMEOUT)),
     )
 
 
@@ -582,29 +657,31 @@ def _apiService(ctx: Context, top: Fields, meta: ObjectMeta, state: Optional[str
 
 
 def _reverseProxy(ctx: Context, top: Fields, meta: ObjectMeta, state: Optional[str]) -> ReverseProxy:
-    spec = top.mapping("spec", _PROXY_KEYS, _PROXY_IGNORED, required=True)
+    spec = top.mapping("spec", _F_PROXY, _F_PROXY_IGNORED, required=True)
     assert spec is not None
     matchers = _matchers(ctx, spec)
-    upstream = spec.mapping("upstream", _UPSTREAM_KEYS, required=True)
+    upstream = spec.mapping("upstream", _F_UPSTREAM, required=True)
     assert upstream is not None
     endpoint = _endpoint(ctx, upstream, urlAliases=("backend",), caAliases=("caBudle",))
     assert endpoint is not None
     prepend = bool(upstream.boolean("prependPath"))
-    if not prepend:
+    if not prepend and endpoint.path not in ("", "/"):
         _unusedPathWarning(
             ctx,
             upstream.path,
             endpoint,
             f"the request path is forwarded as is; set {upstream.at('prependPath')}: true to put it in front",
         )
-    checks = [
-        (where.path, where.mapping("healthCheck", _HEALTH_KEYS))
-        for where in (upstream, spec)
-        if where.has("healthCheck")
-    ]
-    if len(checks) > 1:
-        raise Invalid(spec.at("healthCheck"), f"also set as {upstream.at('healthCheck')}; set only one")
-    healthCheck = _healthCheck(ctx, checks[0][1]) if checks else None
+    healthCheck = None
+    if upstream.has("healthCheck") or spec.has("healthCheck"):
+        checks = [
+            (where.path, where.mapping("healthCheck", _F_HEALTH))
+            for where in (upstream, spec)
+            if where.has("healthCheck")
+        ]
+        if len(checks) > 1:
+            raise Invalid(spec.at("healthCheck"), f"also set as {upstream.at('healthCheck')}; set only one")
+        healthCheck = _healthCheck(ctx, checks[0][1])
     return ReverseProxy(
         meta=meta,
         matchers=matchers,
@@ -613,18 +690,26 @@ def _reverseProxy(ctx: Context, top: Fields, meta: ObjectMeta, state: Optional[s
         healthCheck=healthCheck,
         upstreamPathPrefix=prepend,
         state=state,
-        timeouts=_timeouts(upstream.mapping("timeouts", _TIMEOUT_KEYS)),
+        timeouts=_timeouts(upstream.mapping("timeouts", _F_TIMEOUT)),
     )
 
 
+_MATCHERS = Memo()
+
+
 def _matchers(ctx: Context, spec: Fields) -> Tuple[Matcher, ...]:
-    """Design shape (a list of {path, method}) or 4.x shape (one mapping)."""
+    """Design shape (a list of {path, method}) or 4.x shape (one mapping); memoized by what it reads."""
+    key = (spec.identity(), repr(spec.data.get("matcher")))
+    return _MATCHERS.get(ctx, key, lambda recorder: _readMatchers(recorder, spec.rebind(recorder)))
+
+
+def _readMatchers(ctx: Context, spec: Fields) -> Tuple[Matcher, ...]:
     from ksproxy.paths import compilePattern
 
     value = spec.get("matcher")
     if value is None:
         raise Invalid(spec.at("matcher"), "required field is missing")
-    if isinstance(value, Mapping):
+    if _isMapping(value):
         items = [(spec.at("matcher"), value)]
     elif isinstance(value, (list, tuple)):
         if not value:
@@ -636,7 +721,7 @@ def _matchers(ctx: Context, spec: Fields) -> Tuple[Matcher, ...]:
         )
     out: List[Matcher] = []
     for where, item in items:
-        m = Fields(ctx, item, where, ("path", "method"), parent=spec)
+        m = Fields(ctx, item, where, _F_MATCHER, parent=spec)
         path = m.string("path", required=True)
         assert path is not None
         if not path.startswith("/"):
@@ -656,57 +741,102 @@ def _matchers(ctx: Context, spec: Fields) -> Tuple[Matcher, ...]:
     return tuple(out)
 
 
+# Compiled directive rules by (compiler, text): pure, immutable, and shared by many objects.
+_RULES: Dict[Tuple[Callable[[str], Any], str], Tuple[bool, Any]] = {}
+_RULES_LIMIT = 4096
+
+
 def _compileAll(rules: Tuple[Tuple[str, str], ...], compile: Callable[[str], _T]) -> Tuple[_T, ...]:
+    if not rules:
+        return ()
     out = []
     for where, text in rules:
-        try:
-            out.append(compile(text))
-        except ValueError as e:
-            raise Invalid(where, str(e)) from None
+        key = (compile, text)
+        outcome = _RULES.get(key)
+        if outcome is None:
+            try:
+                outcome = (True, compile(text))
+            except ValueError as e:
+                outcome = (False, str(e))
+            if len(_RULES) >= _RULES_LIMIT:
+                _RULES.clear()
+            _RULES[key] = outcome
+        if not outcome[0]:
+            raise Invalid(where, outcome[1])
+        out.append(outcome[1])
     return tuple(out)
+
+
+_DIRECTIVES = Memo()
 
 
 def _directives(ctx: Context, spec: Fields) -> Directives:
     """4.x C{spec.directives}, plus the design shape's C{spec.rewrite} and C{spec.header} (those first)."""
-    from ksproxy.directives import (
-        compileHeaderRule,
-        compileRegexpRule,
-        compileReplaceRule,
-        compileRewriteRule,
-    )
+    data = spec.data
+    key = (spec.identity(), repr((data.get("directives"), data.get("header"), data.get("rewrite"))))
+    return _DIRECTIVES.get(ctx, key, lambda recorder: _readDirectives(recorder, spec.rebind(recorder)))
 
-    d = spec.mapping("directives", _DIRECTIVE_KEYS, _DIRECTIVE_IGNORED)
-    header = spec.mapping("header", ("up", "down"))
-    designUp = header.strings("up") if header else ()
-    designDown = header.strings("down") if header else ()
+
+def _readDirectives(ctx: Context, spec: Fields) -> Directives:
+    compilers = _compilers()
+    data = spec.data
+    d = spec.mapping("directives", _F_DIRECTIVE, _F_DIRECTIVE_IGNORED)
+    designUp: Tuple[Tuple[str, str], ...] = ()
+    designDown: Tuple[Tuple[str, str], ...] = ()
+    if data.get("header") is not None:
+        header = spec.mapping("header", _F_HEADER)
+        assert header is not None
+        designUp = header.strings("up")
+        designDown = header.strings("down")
     designRewrite = spec.strings("rewrite")
     if d is None:
-        d = Fields(ctx, {}, spec.at("directives"), ())
-    method = d.string("method") or None
-    if method is not None:
-        method = method.upper()
-        if not isToken(method):
-            raise Invalid(d.at("method"), f"{method!r} is not an HTTP method (a token)")
+        d = Fields(ctx, {}, spec.at("directives"), _F_NONE)
+    given = d.data
+    method = None
+    if given.get("method") is not None:
+        method = d.string("method") or None
+        if method is not None:
+            method = method.upper()
+            if not isToken(method):
+                raise Invalid(d.at("method"), f"{method!r} is not an HTTP method (a token)")
     stripPrefix = d.string("stripPathPrefix") or None
     if stripPrefix is not None and (not stripPrefix.startswith("/") or _UNSAFE_IN_PATH.search(stripPrefix)):
         raise Invalid(
             d.at("stripPathPrefix"), f"{stripPrefix!r} must be a path starting with '/' (no spaces, '?', '#')"
         )
-    stripSuffix = d.string("stripPathSuffix") or None
-    if stripSuffix is not None and _UNSAFE_IN_PATH.search(stripSuffix):
-        raise Invalid(d.at("stripPathSuffix"), f"{stripSuffix!r} must not contain spaces, '?' or '#'")
-    replaceKey, _ = _oneOf(d, ("replace", "uriSubstring"), lambda f, k: f.list(k) or None)
+    stripSuffix = None
+    if given.get("stripPathSuffix") is not None:
+        stripSuffix = d.string("stripPathSuffix") or None
+        if stripSuffix is not None and _UNSAFE_IN_PATH.search(stripSuffix):
+            raise Invalid(d.at("stripPathSuffix"), f"{stripSuffix!r} must not contain spaces, '?' or '#'")
+    replaceKey = "replace"
+    if given.get("replace") is not None or given.get("uriSubstring") is not None:
+        replaceKey, _ = _oneOf(d, ("replace", "uriSubstring"), lambda f, k: f.list(k) or None)
+    headerRule = compilers.compileHeaderRule
     return Directives(
         method=method,
         stripPathPrefix=stripPrefix,
         stripPathSuffix=stripSuffix,
-        headerUp=_compileAll(designUp + d.strings("headerUp"), compileHeaderRule),
-        headerDown=_compileAll(designDown + d.strings("headerDown"), compileHeaderRule),
-        rewrite=_compileAll(designRewrite + d.strings("rewrite"), compileRewriteRule),
-        replace=_compileAll(d.strings(replaceKey), compileReplaceRule),
-        pathRegexp=_compileAll(d.strings("pathRegexp"), compileRegexpRule),
+        headerUp=_compileAll(designUp + d.strings("headerUp"), headerRule),
+        headerDown=_compileAll(designDown + d.strings("headerDown"), headerRule),
+        rewrite=_compileAll(designRewrite + d.strings("rewrite"), compilers.compileRewriteRule),
+        replace=_compileAll(d.strings(replaceKey), compilers.compileReplaceRule),
+        pathRegexp=_compileAll(d.strings("pathRegexp"), compilers.compileRegexpRule),
         authProxy=bool(d.boolean("authProxy")),
     )
+
+
+_compilersModule: Any = None
+
+
+def _compilers() -> Any:
+    """L{ksproxy.directives}, imported on first use (it imports the model)."""
+    global _compilersModule
+    if _compilersModule is None:
+        from ksproxy import directives
+
+        _compilersModule = directives
+    return _compilersModule
 
 
 # -- JSBundle -----------------------------------------------------------------------------------------------
@@ -715,7 +845,7 @@ def _directives(ctx: Context, spec: Fields) -> Directives:
 def _jsBundle(
     ctx: Context, top: Fields, meta: ObjectMeta, state: Optional[str], statusLink: Optional[str]
 ) -> JSBundle:
-    spec = top.mapping("spec", _BUNDLE_KEYS, required=True)
+    spec = top.mapping("spec", _F_BUNDLE, required=True)
     assert spec is not None
     extension = meta.labels.get(LABEL_EXTENSION_REF) or meta.name
     extensionField = (
@@ -735,10 +865,10 @@ def _jsBundle(
         if twice:
             ctx.note(spec.at("raw"), "double base64 encoding detected; decoded twice")
         sources.append((spec.at("raw"), RawSource(data=data)))
-    rawFrom = spec.mapping("rawFrom", _RAWFROM_KEYS)
+    rawFrom = spec.mapping("rawFrom", _F_RAWFROM)
     if rawFrom is not None:
         for key, cls in (("configMapKeyRef", ConfigMapSource), ("secretKeyRef", SecretSource)):
-            ref = rawFrom.mapping(key, _KEYREF_KEYS, _KEYREF_IGNORED)
+            ref = rawFrom.mapping(key, _F_KEYREF, _F_KEYREF_IGNORED)
             if ref is not None:
                 sources.append((rawFrom.at(key), cls(**_keyRef(ref))))
         endpoint = _endpoint(ctx, rawFrom, required=False, keepQuery=True)
@@ -800,7 +930,7 @@ def _checkLink(field: str, link: str) -> str:
 
 def _assets(ctx: Context, spec: Fields, extension: str, mainLink: str) -> Tuple[Asset, ...]:
     """SPEC 1.4 C{assets}: a style sheet and extra files, each fetched from an Endpoint."""
-    assets = spec.mapping("assets", ("style", "files"))
+    assets = spec.mapping("assets", _F_ASSETS)
     if assets is None:
         return ()
     seen = {mainLink: "the bundle's link"}
@@ -817,7 +947,7 @@ def _assets(ctx: Context, spec: Fields, extension: str, mainLink: str) -> Tuple[
         seen[link] = f.path
         out.append(Asset(link=link, source=EndpointSource(endpoint=endpoint), mimeType=mimeType))
 
-    style = assets.mapping("style", ("link", "mimeType") + _ENDPOINT_KEYS)
+    style = assets.mapping("style", _F_STYLE)
     if style is not None:
         add(
             style,
@@ -829,7 +959,7 @@ def _assets(ctx: Context, spec: Fields, extension: str, mainLink: str) -> Tuple[
             ctx,
             item,
             f"{assets.at('files')}[{index}]",
-            ("name", "link", "mimeType") + _ENDPOINT_KEYS,
+            _F_FILE,
             parent=assets,
         )
         name = f.string("name") or None

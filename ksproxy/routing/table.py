@@ -29,6 +29,16 @@ STAGE_NONRESOURCE = "nonresourceurl"
 _STAGES = (STAGE_BUNDLE, STAGE_PROXY, STAGE_GROUPVERSION, STAGE_NONRESOURCE)
 
 _ANY = b"*"
+# Shared by every node that has no children (or entries) of a kind: never written to; a node gets a dict of
+# its own when it first needs one.  Most nodes of a large table use one or two of their containers.
+_EMPTY: Dict[Any, Any] = {}
+
+
+def _lengths(heads: Dict[str, Any]) -> Tuple[int, ...]:
+    if len(heads) == 1:
+        for head in heads:
+            return (len(head),)
+    return tuple(sorted({len(h) for h in heads}))
 
 
 @attrs.frozen
@@ -124,24 +134,30 @@ class _Node:
     )
 
     def __init__(self) -> None:
-        self.literal: Dict[str, _Node] = {}
-        self.globs: Dict[str, List[Tuple[Tuple[str, ...], _Node]]] = {}
+        self.literal: Dict[str, _Node] = _EMPTY
+        self.globs: Dict[str, List[Tuple[Tuple[str, ...], _Node]]] = _EMPTY
         self.globLengths: Tuple[int, ...] = ()
-        self.terminal: Dict[bytes, _Entry] = {}
-        self.stems: Dict[str, Dict[bytes, _Entry]] = {}
+        self.terminal: Dict[bytes, _Entry] = _EMPTY
+        self.stems: Dict[str, Dict[bytes, _Entry]] = _EMPTY
         self.stemLengths: Tuple[int, ...] = ()
-        self.globStems: Dict[str, List[Tuple[Tuple[str, ...], Dict[bytes, _Entry]]]] = {}
+        self.globStems: Dict[str, List[Tuple[Tuple[str, ...], Dict[bytes, _Entry]]]] = _EMPTY
         self.globStemLengths: Tuple[int, ...] = ()
 
     def finish(self) -> None:
-        self.globLengths = tuple(sorted({len(h) for h in self.globs}))
-        self.stemLengths = tuple(sorted({len(h) for h in self.stems}))
-        self.globStemLengths = tuple(sorted({len(h) for h in self.globStems}))
-        for child in self.literal.values():
-            child.finish()
-        for items in self.globs.values():
-            for _, child in items:
-                child.finish()
+        """Work out the head lengths of this node and every node under it (iteratively: tries can be deep)."""
+        stack = [self]
+        while stack:
+            node = stack.pop()
+            if node.stems:
+                node.stemLengths = _lengths(node.stems)
+            if node.globStems:
+                node.globStemLengths = _lengths(node.globStems)
+            if node.literal:
+                stack.extend(node.literal.values())
+            if node.globs:
+                node.globLengths = _lengths(node.globs)
+                for items in node.globs.values():
+                    stack.extend(child for _, child in items)
 
 
 def _pick(entries: Dict[bytes, _Entry], method: bytes, out: List[_Entry]) -> None:
@@ -167,10 +183,15 @@ class _Trie:
         last = len(ms) - 1 if pattern.isPrefix else len(ms)
         for m in ms[:last]:
             if m.__class__ is str:
-                child = node.literal.get(m)  # type: ignore[arg-type]
+                literal = node.literal
+                child = literal.get(m)  # type: ignore[arg-type]
                 if child is None:
-                    child = node.literal[m] = _Node()  # type: ignore[index]
+                    if literal is _EMPTY:
+                        literal = node.literal = {}
+                    child = literal[m] = _Node()  # type: ignore[index]
             else:
+                if node.globs is _EMPTY:
+                    node.globs = {}
                 items = node.globs.setdefault(m[0], [])
                 for pieces, existing in items:
                     if pieces == m:
@@ -181,11 +202,17 @@ class _Trie:
                     items.append((m, child))  # type: ignore[arg-type]
             node = child
         if not pattern.isPrefix:
+            if node.terminal is _EMPTY:
+                node.terminal = {}
             return node.terminal
         stem = ms[-1]
         if stem.__class__ is str:
+            if node.stems is _EMPTY:
+                node.stems = {}
             return node.stems.setdefault(stem, {})  # type: ignore[arg-type]
         pieces = tuple(stem) + ("",)  # "a*b" as a prefix is the glob "a*b*"
+        if node.globStems is _EMPTY:
+            node.globStems = {}
         items2 = node.globStems.setdefault(pieces[0], [])
         for existing, slot in items2:
             if existing == pieces:

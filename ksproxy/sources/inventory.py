@@ -8,7 +8,9 @@ immutable L{InventorySnapshot}s.  It never lets bad input take routes away: an o
 invalid keeps serving its last good version, and a file that fails to load keeps every object it held until
 it loads again or is deleted.
 
-Everything here runs on the reactor thread only; sources running in threads use C{callFromThread}.
+Everything here runs on the reactor thread, with one exception: L{Inventory.plan} (the work of a
+L{Inventory.replaceAll}) may run in a source's thread, and its result is installed on the reactor by
+L{Inventory.commit} in constant time, so that a large file change does not stall requests.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ __all__ = [
     "ObjectRecord",
     "InventorySnapshot",
     "Inventory",
+    "ReplacePlan",
     "originPath",
     "originSortKey",
 ]
@@ -245,6 +248,31 @@ def _refEntry(raw: Mapping[str, Any], origin: str, key: bytes) -> Tuple[Optional
     return (str(raw["kind"]), str(namespace), name), entry
 
 
+_State = Tuple[
+    Dict[ObjectKey, "_Entry"], Dict[RefKey, "_RefEntry"], Dict[object, str], Tuple[str, ...], Tuple[SourceError, ...]
+]
+
+
+@attrs.frozen(eq=False)
+class ReplacePlan:
+    """
+    What a L{Inventory.replaceAll} would do, computed by L{Inventory.plan} (possibly in another thread) from
+    the state the inventory had at C{version}.
+
+    @ivar changed: the new state differs from the old one (C{commit} then notifies).
+    @ivar snapshot: the new state's snapshot, when asked for and C{changed}.
+    @ivar replaced: the state it replaces; held so that whoever drops the plan last (a source's thread)
+        frees it, rather than the reactor.
+    """
+
+    version: int
+    state: _State
+    parseCache: Dict[bytes, ParseResult]
+    changed: bool
+    snapshot: Optional[InventorySnapshot]
+    replaced: object = attrs.field(default=None, repr=False)
+
+
 def _newEntry(
     origin: str, key: bytes, result: ParseResult, previous: Optional[_Entry], raw: Mapping[str, Any]
 ) -> _Entry:
@@ -273,13 +301,16 @@ class Inventory:
         self._parseCache: Dict[bytes, ParseResult] = {}
         self._snapshot: Optional[InventorySnapshot] = None
         self.parseCount = 0  # how many times parseResource ran (observable caching)
+        # Bumped after every change of the state above, so a plan made from an older state is refused.
+        self._version = 0
 
     def _parse(self, raw: Mapping[str, Any]) -> ParseResult:
         self.parseCount += 1
         return parseResource(raw)
 
-    def _changed(self) -> None:
-        self._snapshot = None
+    def _changed(self, snapshot: Optional[InventorySnapshot] = None) -> None:
+        self._snapshot = snapshot
+        self._version += 1
         self._onChange()
 
     # -- file source ------------------------------------------------------------------------------------
@@ -299,6 +330,30 @@ class Inventory:
         Objects (and ConfigMaps/Secrets) that came from a file named by an error in C{errors} (or from a
         directory named by one) and that are not in C{docs} are kept, still serving their last good version.
         """
+        committed = self.commit(self.plan(docs, errors, parsed))
+        assert committed  # planned from the current state, on this thread
+
+    def plan(
+        self,
+        docs: Sequence[SourceDocument],
+        errors: Sequence[SourceError],
+        parsed: Optional[Mapping[bytes, ParseResult]] = None,
+        *,
+        keys: Optional[Sequence[bytes]] = None,
+        withSnapshot: bool = False,
+    ) -> ReplacePlan:
+        """
+        The work of L{replaceAll} without its effect: hand the result to L{commit}.
+
+        Reads the inventory but changes nothing, so a file source may call it in its own thread while the
+        reactor serves (it then waits for each commit before planning again); parsing whatever C{parsed}
+        lacks is the only other side effect.  C{keys} may give each document's L{contentKey}, in the order of
+        C{docs}, when the caller has them; C{withSnapshot} also builds the new snapshot (the reconciler's
+        input) here rather than on the reactor.
+        """
+        version = self._version
+        base: _State = (self._entries, self._refs, self._skipped, self._duplicates, self._sourceErrors)
+        previousCache = self._parseCache
         errorList = list(errors)
 
         cache: Dict[bytes, ParseResult] = {}
@@ -306,10 +361,13 @@ class Inventory:
         refs: Dict[RefKey, _RefEntry] = {}
         skipped: Dict[object, str] = {}
         duplicates: List[str] = []
+        previousEntries = base[0]
 
-        for doc in sorted(docs, key=lambda d: originSortKey(d.origin)):
+        keyed = zip(docs, keys) if keys is not None else ((doc, None) for doc in docs)
+        for doc, key in sorted(keyed, key=lambda item: originSortKey(item[0].origin)):
             raw = doc.raw
-            key = contentKey(raw)
+            if key is None:
+                key = contentKey(raw)
             if isReference(raw):
                 refKey, refEntry = _refEntry(raw, doc.origin, key)
                 if refKey is None:
@@ -326,7 +384,7 @@ class Inventory:
                     refs[refKey] = refEntry
                 continue
 
-            result = cache.get(key) or self._parseCache.get(key) or (parsed.get(key) if parsed else None)
+            result = cache.get(key) or previousCache.get(key) or (parsed.get(key) if parsed else None)
             if result is None:
                 result = self._parse(raw)
             cache[key] = result
@@ -344,29 +402,41 @@ class Inventory:
                     self._duplicate(result.kind, result.name, doc.origin, entries[objectKey].origin)
                 )
                 continue
-            entries[objectKey] = _newEntry(doc.origin, key, result, self._entries.get(objectKey), raw)
+            entries[objectKey] = _newEntry(doc.origin, key, result, previousEntries.get(objectKey), raw)
 
         # Computed after the documents: a document found unusable above (no name, say) also holds its file's
         # objects, so a file cut short in the middle of a save never removes what it served.
-        failed = [originPath(e.origin).rstrip("/") or "/" for e in errorList]
+        if errorList:
+            failed = [originPath(e.origin).rstrip("/") or "/" for e in errorList]
 
-        def held(origin: str) -> bool:
-            path = originPath(origin)
-            return any(path == f or path.startswith(f + "/") or f == "/" for f in failed)
+            def held(origin: str) -> bool:
+                path = originPath(origin)
+                return any(path == f or path.startswith(f + "/") or f == "/" for f in failed)
 
-        for objectKey, entry in self._entries.items():
-            if objectKey not in entries and held(entry.origin):
-                entries[objectKey] = attrs.evolve(entry, held=True)
-        for refKey, refEntry in self._refs.items():
-            if refKey not in refs and held(refEntry.origin):
-                refs[refKey] = attrs.evolve(refEntry, held=True)
+            for objectKey, entry in previousEntries.items():
+                if objectKey not in entries and held(entry.origin):
+                    entries[objectKey] = attrs.evolve(entry, held=True)
+            for refKey, refEntry in base[1].items():
+                if refKey not in refs and held(refEntry.origin):
+                    refs[refKey] = attrs.evolve(refEntry, held=True)
 
-        self._parseCache = cache
-        state = (entries, refs, skipped, tuple(duplicates), tuple(errorList))
-        if state == (self._entries, self._refs, self._skipped, self._duplicates, self._sourceErrors):
-            return
-        self._entries, self._refs, self._skipped, self._duplicates, self._sourceErrors = state
-        self._changed()
+        state: _State = (entries, refs, skipped, tuple(duplicates), tuple(errorList))
+        changed = state != base
+        snapshot = _makeSnapshot(state) if (withSnapshot and changed) else None
+        return ReplacePlan(version, state, cache, changed, snapshot, (base, previousCache, self._snapshot))
+
+    def commit(self, plan: ReplacePlan) -> bool:
+        """
+        Install a L{plan} (constant time).  Refused (C{False}, nothing done) when the inventory changed after
+        the plan was made: then plan again, or call L{replaceAll}.
+        """
+        if plan.version != self._version:
+            return False
+        self._parseCache = plan.parseCache
+        if plan.changed:
+            self._entries, self._refs, self._skipped, self._duplicates, self._sourceErrors = plan.state
+            self._changed(plan.snapshot)
+        return True
 
     @staticmethod
     def _duplicate(kind: str, name: str, loser: str, winner: str) -> str:
@@ -423,6 +493,7 @@ class Inventory:
         entry = _newEntry(origin, key, result, self._entries.get(objectKey), raw)
         if self._entries.get(objectKey) == entry:
             self._entries[objectKey] = entry  # remember the new cache key
+            self._version += 1
             if hadSkip:
                 self._changed()
             return
@@ -471,19 +542,26 @@ class Inventory:
     def snapshot(self) -> InventorySnapshot:
         """The current state; the same object is returned until something changes."""
         if self._snapshot is None:
-            records = {key: entry.record(*key) for key, entry in sorted(self._entries.items())}
-            refProblems = [
-                f"{kind} {namespace}/{name} ({entry.origin}): {problem}"
-                for (kind, namespace, name), entry in sorted(self._refs.items())
-                for problem in entry.problems
-            ]
-            self._snapshot = InventorySnapshot(
-                records=MappingProxyType(records),
-                resources=tuple(r.current for r in records.values() if r.current is not None),
-                duplicates=self._duplicates,
-                skipped=tuple(self._skipped[k] for k in sorted(self._skipped, key=_skipOrder)),
-                sourceErrors=self._sourceErrors,
-                refs=MappingProxyType({k: e.data for k, e in sorted(self._refs.items())}),
-                refErrors=tuple(refProblems),
+            self._snapshot = _makeSnapshot(
+                (self._entries, self._refs, self._skipped, self._duplicates, self._sourceErrors)
             )
         return self._snapshot
+
+
+def _makeSnapshot(state: _State) -> InventorySnapshot:
+    entries, refs, skipped, duplicates, sourceErrors = state
+    records = {key: entry.record(*key) for key, entry in sorted(entries.items())}
+    refProblems = [
+        f"{kind} {namespace}/{name} ({entry.origin}): {problem}"
+        for (kind, namespace, name), entry in sorted(refs.items())
+        for problem in entry.problems
+    ]
+    return InventorySnapshot(
+        records=MappingProxyType(records),
+        resources=tuple(r.current for r in records.values() if r.current is not None),
+        duplicates=duplicates,
+        skipped=tuple(skipped[k] for k in sorted(skipped, key=_skipOrder)),
+        sourceErrors=sourceErrors,
+        refs=MappingProxyType({k: e.data for k, e in sorted(refs.items())}),
+        refErrors=tuple(refProblems),
+    )
