@@ -149,6 +149,41 @@ class Memo:
         return value  # type: ignore[no-any-return]
 
 
+class Cache:
+    """
+    Values by key, in two generations like L{Memo} (what the last rebuild used stays, what no rebuild uses goes),
+    for results that report nothing and so need no replay.
+    """
+
+    def __init__(self, limit: int = _MEMO_LIMIT) -> None:
+        self._limit = limit
+        self._current: Dict[Hashable, Any] = {}
+        self._previous: Dict[Hashable, Any] = {}
+
+    def clear(self) -> None:
+        self._current = {}
+        self._previous = {}
+
+    def __len__(self) -> int:
+        return len(self._current) + len(self._previous)
+
+    def get(self, key: Hashable) -> Any:
+        """The value stored for C{key}, or C{None}."""
+        value = self._current.get(key)
+        if value is None:
+            value = self._previous.get(key)
+            if value is not None:
+                self.put(key, value)
+        return value
+
+    def put(self, key: Hashable, value: Any) -> None:
+        current = self._current
+        if len(current) >= self._limit:
+            self._previous, self._current = current, {}
+            current = self._current
+        current[key] = value
+
+
 def typeName(value: Any) -> str:
     """Name a raw value's type in the vocabulary of the manifest (YAML/JSON), not Python's."""
     if value is None:
@@ -335,8 +370,16 @@ def checkDNSLabel(field: str, value: str, what: str = "a DNS label") -> str:
     return value
 
 
+def isDNSSubdomain(value: str) -> bool:
+    return (
+        len(value) <= 253
+        and _DNS_SUBDOMAIN.fullmatch(value) is not None
+        and (len(value) <= 63 or all(len(p) <= 63 for p in value.split(".")))
+    )
+
+
 def checkDNSSubdomain(field: str, value: str, what: str = "a DNS subdomain name") -> str:
-    if len(value) > 253 or not _DNS_SUBDOMAIN.fullmatch(value) or any(len(p) > 63 for p in value.split(".")):
+    if not isDNSSubdomain(value):
         raise Invalid(
             field,
             f"{value!r} is not {what} (lower-case letters, digits, '-' and '.', each dot-separated part"

@@ -34,13 +34,16 @@ from urllib.parse import urlsplit
 
 import attrs
 
+from ksproxy import paths as _paths
 from ksproxy.model._fields import (
+    Cache,
     Context,
     Fields,
     Invalid,
     Memo,
     checkDNSLabel,
     checkDNSSubdomain,
+    isDNSSubdomain,
     isToken,
     parseDuration,
     timestamp,
@@ -250,6 +253,10 @@ def _parse(ctx: Context, raw: Any) -> Tuple[Optional[Resource], Optional[str]]:
     if kind not in KINDS:
         return None, f"kind {kind} is not served by ksproxy"
 
+    if kind == KIND_REVERSEPROXY and raw.__class__ is dict:
+        proxy = _plainReverseProxy(ctx, raw, rawMeta)
+        if proxy is not None:
+            return proxy, None
     top = Fields(ctx, raw, "", _F_TOP)
     if kind == KIND_REVERSEPROXY and _proxyTargetsConsole(rawMeta):
         return (
@@ -278,13 +285,80 @@ def _proxyTargetsConsole(rawMeta: Any) -> bool:
 _METADATA = Memo()
 
 
+_F_META_OTHER = frozenset(_META_OTHER)
+
+
 def _metadata(ctx: Context, top: Fields) -> ObjectMeta:
     """C{metadata}, memoized by what it reads (values of the ignored ObjectMeta fields are never read)."""
     value = top.data.get("metadata")
     if value.__class__ is not dict:
         return _readMetadata(ctx, top)
+    meta = _plainMetadata(value)
+    if meta is not None:
+        return meta
     shape = [(k, None if k in _META_OTHER else v) for k, v in value.items()]
     return _METADATA.get(ctx, (ctx.kind, repr(shape)), lambda recorder: _readMetadata(recorder, top.rebind(recorder)))
+
+
+# Metadata that is only a name (as in files), by that name.
+_PLAIN_METADATA = Cache()
+
+
+def _plainMetadata(value: Dict[Any, Any]) -> Optional[ObjectMeta]:
+    """
+    The common shape of C{metadata} read directly (no views, no memo key), or C{None} for anything that may
+    warn, note or be refused: then L{_readMetadata} reads it (and says why).  Most metadata differ per object
+    (name, uid, resourceVersion), so the memo would miss anyway.
+    """
+    name = value.get("name")
+    if name.__class__ is not str or not name:
+        return None
+    if len(value) == 1:
+        meta = _PLAIN_METADATA.get(name)
+        if meta is None:
+            meta = _plainMetadataOf(name, value)
+            if meta is not None:
+                _PLAIN_METADATA.put(name, meta)
+        return meta
+    return _plainMetadataOf(name, value)
+
+
+def _plainMetadataOf(name: str, value: Dict[Any, Any]) -> Optional[ObjectMeta]:
+    uid = resourceVersion = creationTimestamp = ""
+    generation = 0
+    labels: Dict[str, str] = {}
+    for key, item in value.items():
+        if key == "name" or key in _F_META_OTHER:
+            continue
+        cls = item.__class__
+        if cls is str:
+            if key == "uid":
+                uid = item
+            elif key == "resourceVersion":
+                resourceVersion = item
+            elif key == "creationTimestamp":
+                creationTimestamp = item
+            elif key != "namespace" or item:
+                return None
+        elif key == "labels" and cls is dict:
+            for labelKey, labelValue in item.items():
+                if labelKey.__class__ is not str or labelValue.__class__ is not str:
+                    return None
+            labels = dict(item)
+        elif key == "generation" and cls is int and item >= 0:
+            generation = item
+        else:
+            return None
+    if not isDNSSubdomain(name):
+        return None
+    return ObjectMeta(
+        name=name,
+        uid=uid,
+        generation=generation,
+        resourceVersion=resourceVersion,
+        creationTimestamp=creationTimestamp,
+        labels=labels,
+    )
 
 
 def _readMetadata(ctx: Context, top: Fields) -> ObjectMeta:
@@ -694,18 +768,159 @@ def _reverseProxy(ctx: Context, top: Fields, meta: ObjectMeta, state: Optional[s
     )
 
 
+_F_PLAIN_PROXY = frozenset(("matcher", "upstream", "directives"))
+_F_PLAIN_UPSTREAM = frozenset(("url", "prependPath"))
+# Upstreams of plain ReverseProxy objects by URL (the only thing their parse reads); see L{_ENDPOINTS}.
+_PLAIN_UPSTREAMS = Memo()
+
+
+def _plainReverseProxy(ctx: Context, raw: Dict[Any, Any], rawMeta: Any) -> Optional[ReverseProxy]:
+    """
+    A ReverseProxy of the common shape (a name, matchers, an upstream URL, plain directives) read without
+    L{Fields} views or memo keys, as L{_reverseProxy} would read it; or C{None}, having reported nothing, for
+    any other shape (then the full parse reads it).  Only the status and the upstream may report: they are read
+    last, in the full parse's order.
+    """
+    spec = raw.get("spec")
+    if rawMeta.__class__ is not dict or spec.__class__ is not dict or not _F_TOP.issuperset(raw):
+        return None
+    upstream = spec.get("upstream")
+    if upstream.__class__ is not dict or not _F_PLAIN_PROXY.issuperset(spec):
+        return None
+    if not _F_PLAIN_UPSTREAM.issuperset(upstream):
+        return None
+    url = upstream.get("url")
+    prepend = upstream.get("prependPath")
+    if url.__class__ is not str or (prepend is not None and prepend.__class__ is not bool):
+        return None
+    labels = rawMeta.get("labels")
+    if labels.__class__ is dict and labels.get(LABEL_PROXY_TARGET) == "ks-console":
+        return None
+    meta = _plainMetadata(rawMeta)
+    if meta is None:
+        return None
+    matchers = _plainMatchers(spec.get("matcher"))
+    if matchers is None:
+        return None
+    if matchers.__class__ is tuple:
+        directives = _plainDirectives(spec.get("directives"))
+        if directives is None:
+            return None
+    state = None
+    if raw.get("status") is not None:
+        state, _ = _status(ctx, Fields(ctx, raw, "", _F_TOP), KIND_REVERSEPROXY)
+    if matchers.__class__ is not tuple:
+        # A pattern that does not compile: what the full parse would refuse after the status.
+        raise matchers
+    endpoint = _PLAIN_UPSTREAMS.get(ctx, (ctx.kind, url), lambda recorder: _plainUpstream(recorder, raw))
+    if not prepend and endpoint.path not in ("", "/"):
+        _unusedPathWarning(
+            ctx,
+            "spec.upstream",
+            endpoint,
+            "the request path is forwarded as is; set spec.upstream.prependPath: true to put it in front",
+        )
+    return ReverseProxy(
+        meta=meta,
+        matchers=matchers,
+        upstream=endpoint,
+        directives=directives,
+        upstreamPathPrefix=bool(prepend),
+        state=state,
+    )
+
+
+def _plainUpstream(ctx: Context, raw: Dict[Any, Any]) -> Endpoint:
+    """C{spec.upstream} of a plain ReverseProxy, through the same views and code as the full parse."""
+    top = Fields(ctx, raw, "", _F_TOP)
+    spec = top.mapping("spec", _F_PROXY, _F_PROXY_IGNORED, required=True)
+    assert spec is not None
+    upstream = spec.mapping("upstream", _F_UPSTREAM, required=True)
+    assert upstream is not None
+    endpoint = _readEndpoint(
+        ctx, upstream, urlAliases=("backend",), caAliases=("caBudle",), required=True, keepQuery=False
+    )
+    assert endpoint is not None
+    return endpoint
+
+
 _MATCHERS = Memo()
 
 
 def _matchers(ctx: Context, spec: Fields) -> Tuple[Matcher, ...]:
     """Design shape (a list of {path, method}) or 4.x shape (one mapping); memoized by what it reads."""
+    matchers = _plainMatchers(spec.data.get("matcher"), spec.at("matcher"))
+    if matchers is not None:
+        if matchers.__class__ is not tuple:
+            raise matchers
+        return matchers
     key = (spec.identity(), repr(spec.data.get("matcher")))
     return _MATCHERS.get(ctx, key, lambda recorder: _readMatchers(recorder, spec.rebind(recorder)))
 
 
-def _readMatchers(ctx: Context, spec: Fields) -> Tuple[Matcher, ...]:
-    from ksproxy.paths import compilePattern
+# Matchers of the 4.x shape ({path, method} strings) by (path, method): many rebuilds keep them.
+_PLAIN_MATCHERS = Cache()
 
+
+def _plainMatchers(value: Any, field: str = "spec.matcher") -> Any:
+    """
+    Matchers of the common shapes (plain strings, no unknown keys) read directly, or C{None} for anything that
+    may warn, note or be refused: then L{_readMatchers} reads them (and says why).  A pattern that does not
+    compile is the exception: the L{Invalid} that L{_readMatchers} would raise is returned, so that each
+    pattern is compiled once.
+    """
+    if value.__class__ is dict:
+        path = value.get("path")
+        method = value.get("method")
+        key = (path, method) if path.__class__ is str and method.__class__ is str and len(value) == 2 else None
+        if key is not None:
+            matchers = _PLAIN_MATCHERS.get(key)
+            if matchers is not None:
+                return matchers
+        matcher = _plainMatcher(value, field)
+        if matcher is None or matcher.__class__ is Invalid:
+            return matcher
+        if key is not None:
+            _PLAIN_MATCHERS.put(key, (matcher,))
+        return (matcher,)
+    if value.__class__ is not list or not value:
+        return None
+    out: List[Matcher] = []
+    for index, item in enumerate(value):
+        matcher = _plainMatcher(item, field, index)
+        if matcher is None or matcher.__class__ is Invalid:
+            return matcher
+        if matcher in out:
+            return None
+        out.append(matcher)
+    return tuple(out)
+
+
+def _plainMatcher(item: Any, field: str, index: Optional[int] = None) -> Any:
+    if item.__class__ is not dict:
+        return None
+    path = item.get("path")
+    method = item.get("method")
+    if len(item) > 2 or path.__class__ is not str or not path.startswith("/"):
+        return None
+    if len(item) == 2 and "method" not in item or len(item) == 1 and "path" not in item:
+        return None
+    if method is None:
+        method = "*"
+    elif method.__class__ is not str:
+        return None
+    else:
+        method = (method or "*").upper()
+        if method != "*" and not isToken(method):
+            return None
+    try:
+        _paths.compilePattern(path)
+    except ValueError as e:
+        return Invalid(f"{field}.path" if index is None else f"{field}[{index}].path", str(e))
+    return Matcher(path=path, method=method)
+
+
+def _readMatchers(ctx: Context, spec: Fields) -> Tuple[Matcher, ...]:
     value = spec.get("matcher")
     if value is None:
         raise Invalid(spec.at("matcher"), "required field is missing")
@@ -727,7 +942,7 @@ def _readMatchers(ctx: Context, spec: Fields) -> Tuple[Matcher, ...]:
         if not path.startswith("/"):
             raise Invalid(m.at("path"), f"{path!r} must start with '/'")
         try:
-            compilePattern(path)
+            _paths.compilePattern(path)
         except ValueError as e:
             raise Invalid(m.at("path"), str(e)) from None
         method = (m.string("method") or "*").upper()
@@ -746,21 +961,27 @@ _RULES: Dict[Tuple[Callable[[str], Any], str], Tuple[bool, Any]] = {}
 _RULES_LIMIT = 4096
 
 
+def _rule(compile: Callable[[str], Any], text: str) -> Tuple[bool, Any]:
+    """C{(True, rule)} or C{(False, message)}, remembered in L{_RULES}."""
+    key = (compile, text)
+    outcome = _RULES.get(key)
+    if outcome is None:
+        try:
+            outcome = (True, compile(text))
+        except ValueError as e:
+            outcome = (False, str(e))
+        if len(_RULES) >= _RULES_LIMIT:
+            _RULES.clear()
+        _RULES[key] = outcome
+    return outcome
+
+
 def _compileAll(rules: Tuple[Tuple[str, str], ...], compile: Callable[[str], _T]) -> Tuple[_T, ...]:
     if not rules:
         return ()
     out = []
     for where, text in rules:
-        key = (compile, text)
-        outcome = _RULES.get(key)
-        if outcome is None:
-            try:
-                outcome = (True, compile(text))
-            except ValueError as e:
-                outcome = (False, str(e))
-            if len(_RULES) >= _RULES_LIMIT:
-                _RULES.clear()
-            _RULES[key] = outcome
+        outcome = _rule(compile, text)
         if not outcome[0]:
             raise Invalid(where, outcome[1])
         out.append(outcome[1])
@@ -773,8 +994,85 @@ _DIRECTIVES = Memo()
 def _directives(ctx: Context, spec: Fields) -> Directives:
     """4.x C{spec.directives}, plus the design shape's C{spec.rewrite} and C{spec.header} (those first)."""
     data = spec.data
+    if data.get("header") is None and data.get("rewrite") is None:
+        directives = _plainDirectives(data.get("directives"))
+        if directives is not None:
+            return directives
     key = (spec.identity(), repr((data.get("directives"), data.get("header"), data.get("rewrite"))))
     return _DIRECTIVES.get(ctx, key, lambda recorder: _readDirectives(recorder, spec.rebind(recorder)))
+
+
+_NO_DIRECTIVES = Directives()
+# The list-valued directives that L{_plainDirectives} reads, with the name of their compiler.
+_PLAIN_RULE_LISTS = {
+    "headerUp": "compileHeaderRule",
+    "headerDown": "compileHeaderRule",
+    "rewrite": "compileRewriteRule",
+    "replace": "compileReplaceRule",
+    "pathRegexp": "compileRegexpRule",
+}
+_plainCompilers: Dict[str, Callable[[str], Any]] = {}
+
+
+def _plainDirectives(given: Any) -> Optional[Directives]:
+    """
+    C{spec.directives} of the common shape (known keys, strings, lists of strings that compile) read directly,
+    or C{None} for anything that may warn, note or be refused: then L{_readDirectives} reads it (and says
+    why).  Directives often differ per object (a path prefix), so the memo would miss anyway.
+    """
+    if given is None:
+        return _NO_DIRECTIVES
+    if given.__class__ is not dict:
+        return None
+    if not _plainCompilers:
+        compilers = _compilers()
+        _plainCompilers.update((key, getattr(compilers, name)) for key, name in _PLAIN_RULE_LISTS.items())
+    values: Dict[str, Any] = {}
+    for key, value in given.items():
+        cls = value.__class__
+        if cls is str:
+            if not value:
+                if key not in ("method", "stripPathPrefix", "stripPathSuffix"):
+                    return None
+            elif key == "stripPathPrefix":
+                if value[0] != "/" or _UNSAFE_IN_PATH.search(value):
+                    return None
+                values[key] = value
+            elif key == "method":
+                method = value.upper()
+                if not isToken(method):
+                    return None
+                values[key] = method
+            elif key == "stripPathSuffix":
+                if _UNSAFE_IN_PATH.search(value):
+                    return None
+                values[key] = value
+            else:
+                return None
+        elif cls is list:
+            compile = _plainCompilers.get(key)
+            if compile is None:
+                return None
+            compiled = []
+            for text in value:
+                if text.__class__ is not str:
+                    return None
+                outcome = _RULES.get((compile, text))
+                if outcome is None:
+                    try:
+                        outcome = _rule(compile, text)
+                    except Exception:  # noqa: BLE001 - the full parse reports it
+                        return None
+                if not outcome[0]:
+                    return None
+                compiled.append(outcome[1])
+            if compiled:
+                values[key] = tuple(compiled)
+        elif cls is bool and key == "authProxy":
+            values[key] = value
+        else:
+            return None
+    return Directives(**values)
 
 
 def _readDirectives(ctx: Context, spec: Fields) -> Directives:

@@ -39,7 +39,15 @@ def apiService(name: str, **spec: Any) -> Dict[str, Any]:
 
 
 def clearMemos() -> None:
-    for memo in (parse._ENDPOINTS, parse._METADATA, parse._MATCHERS, parse._DIRECTIVES):
+    for memo in (
+        parse._ENDPOINTS,
+        parse._METADATA,
+        parse._MATCHERS,
+        parse._DIRECTIVES,
+        parse._PLAIN_UPSTREAMS,
+        parse._PLAIN_MATCHERS,
+        parse._PLAIN_METADATA,
+    ):
         memo.clear()
     parse._RULES.clear()
 
