@@ -16,6 +16,7 @@ Flow control, both ways:
 
 from __future__ import annotations
 
+import re
 import socket
 from typing import Callable, List, Optional, Sequence, Tuple
 from typing import Protocol as TypingProtocol
@@ -431,6 +432,9 @@ class HTTPServerProtocol(BatchedWriter, Protocol):
         self._inHead = False
         self._fresh = False
         self._headSeen = 0
+        # Body phase: whether this read carried body bytes, and the bytes of reads in a row that carried none.
+        self._bodyRead = False
+        self._noBodyRun = 0
         self._h2 = None  # the HTTP/2 connection, once ALPN chose h2
         self._producing = False  # registered as our transport's producer
         self._linger = None
@@ -557,6 +561,16 @@ class HTTPServerProtocol(BatchedWriter, Protocol):
                 self._headSeen = self._headSeen + len(data) if self._headSeen >= 0 else 0
                 if self._headSeen > self._headBudget:
                     raise _BadRequest(431, "request headers too large")
+            elif self._bodyRead:
+                self._bodyRead = False
+                self._noBodyRun = 0
+            elif self._parsing is not None:
+                # Inside a body, a read that carried no body bytes: chunk framing, chunk extensions or
+                # trailers.  Those have no use in bulk, and llhttp holds an unfinished trailer line as it grows:
+                # bounded like a head.
+                self._noBodyRun += len(data)
+                if self._noBodyRun > self._headBudget:
+                    raise _BadRequest(431, "request trailers or chunk extensions too large")
         except httptools.HttpParserUpgrade as upgrade:
             offset = upgrade.args[0]
             rest = data[offset:]
@@ -652,6 +666,7 @@ class HTTPServerProtocol(BatchedWriter, Protocol):
 
     def on_headers_complete(self) -> None:
         self._inHead = False
+        self._noBodyRun = 0
         parser = self._parser
         items = self._headers
         headers = Headers.fromItems(items)
@@ -659,12 +674,13 @@ class HTTPServerProtocol(BatchedWriter, Protocol):
         version = parser.get_http_version().encode("ascii")
         method = parser.get_method()
         # One pass for the framing facts (not one scan per question).
-        te = cl = expect = None
+        te = cl = expect = host = None
         hosts = 0
         for lname, _, value in items:
             if lname in _FRAMING:
                 if lname == b"host":
                     hosts += 1
+                    host = value
                 elif lname == b"transfer-encoding":
                     if te is None:
                         te = value
@@ -686,6 +702,9 @@ class HTTPServerProtocol(BatchedWriter, Protocol):
             raise _BadRequest(400, "missing Host header")
         if hosts > 1:
             raise _BadRequest(400, "more than one Host header")
+        if host and not _VALID_HOST(host):
+            # RFC 9112 3.2: a Host that is not host[:port] is a 400 (it would reach X-Forwarded-Host and rules).
+            raise _BadRequest(400, "invalid Host header")
         exchange = Exchange(
             self,
             method,
@@ -714,6 +733,7 @@ class HTTPServerProtocol(BatchedWriter, Protocol):
             self._pause(_PAUSE_PIPELINE)
 
     def on_body(self, data: bytes) -> None:
+        self._bodyRead = True
         exchange = self._parsing
         if exchange is not None:
             exchange._bodyData(data)
@@ -855,6 +875,10 @@ class HTTPServerProtocol(BatchedWriter, Protocol):
         if self._h2 is not None:
             return bool(self._h2.streams)
         return self._current is not None or self._tunnelled is not None
+
+
+# RFC 3986 host (IP-literal, IPv4 or reg-name) and an optional port; empty is allowed (RFC 9112 3.2).
+_VALID_HOST = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~%!$&'()*+,;=]*)(?::[0-9]*)?\Z").match
 
 
 def _isTLS(transport: object) -> bool:

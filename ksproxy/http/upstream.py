@@ -98,6 +98,8 @@ class UpstreamConnection(BatchedWriter, Protocol):
         self._inHead = False
         self._headSeen = 0
         self._readSize = 0
+        self._bodyRead = False  # this read carried body bytes
+        self._noBodyRun = 0  # bytes of reads in a row, inside a body, that carried none
         self._gotHead = False
         self._inBody = False
         self._headRequest = False
@@ -247,6 +249,15 @@ class UpstreamConnection(BatchedWriter, Protocol):
                 self._headSeen = self._headSeen + len(data) if self._headSeen >= 0 else 0
                 if self._headSeen > MAX_RESPONSE_HEAD:
                     self._fail(UpstreamResponseTooLarge(f"response headers larger than {MAX_RESPONSE_HEAD} bytes"))
+            elif self._bodyRead:
+                self._bodyRead = False
+                self._noBodyRun = 0
+            elif self._inBody:
+                # Reads in a row without body bytes: chunk framing, extensions or trailers, which llhttp holds
+                # while a line grows.  Bounded like a head.
+                self._noBodyRun += len(data)
+                if self._noBodyRun > MAX_RESPONSE_HEAD:
+                    self._fail(UpstreamResponseTooLarge("response trailers or chunk extensions too large"))
         except httptools.HttpParserUpgrade as upgrade:
             rest = data[upgrade.args[0] :]
             self._tunnel = True
@@ -301,6 +312,7 @@ class UpstreamConnection(BatchedWriter, Protocol):
 
     def on_headers_complete(self) -> None:
         self._inHead = False
+        self._noBodyRun = 0
         if self._headSeen >= 0 or self._readSize > MAX_RESPONSE_HEAD:
             # The head spanned reads (or came in one huge one): the per-read count has slack, count exactly.
             size = sum(len(item[1]) + len(item[2]) + 4 for item in self._headers)
@@ -328,6 +340,7 @@ class UpstreamConnection(BatchedWriter, Protocol):
             raise _StopParsing()
 
     def on_body(self, data: bytes) -> None:
+        self._bodyRead = True
         if self.sink is not None:
             self.sink.responseData(data)
 

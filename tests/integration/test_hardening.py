@@ -151,6 +151,11 @@ SMUGGLING: List[Tuple[str, bytes, int]] = [
     ("HTTP/0.9", b"GET /proxy/app/a\r\n\r\n", 400),
     ("missing Host", b"GET /proxy/app/a HTTP/1.1\r\n\r\n", 400),
     ("two Hosts", b"GET /proxy/app/a HTTP/1.1\r\nHost: x\r\nHost: y\r\n\r\n", 400),
+    ("Host unclosed IPv6", b"GET /proxy/app/a HTTP/1.1\r\nHost: [::1\r\n\r\n", 400),
+    ("Host port not digits", b"GET /proxy/app/a HTTP/1.1\r\nHost: x:abc\r\n\r\n", 400),
+    ("Host with a path", b"GET /proxy/app/a HTTP/1.1\r\nHost: x/y\r\n\r\n", 400),
+    ("Host with userinfo", b"GET /proxy/app/a HTTP/1.1\r\nHost: u@x\r\n\r\n", 400),
+    ("Host bare IPv6", b"GET /proxy/app/a HTTP/1.1\r\nHost: ::1\r\n\r\n", 400),
     ("lower-case method", b"get /proxy/app/a HTTP/1.1\r\nHost: x\r\n\r\n", 400),
     ("CONNECT", b"CONNECT 127.0.0.1:22 HTTP/1.1\r\nHost: 127.0.0.1:22\r\n\r\n", 405),
     (

@@ -286,6 +286,55 @@ class ResponseHeadLimitTests(ForwardTestCase):
         self.assertTrue(self.client.disconnecting)  # mid-response: the client sees it incomplete
 
 
+class RequestBodyOverheadTests(ForwardTestCase):
+    """Chunk extensions and trailers carry no body: a client cannot stream them without end."""
+
+    def streamUntilClosed(self, prefix: bytes, filler: bytes) -> int:
+        self.send(b"POST /up HTTP/1.1\r\nHost: gw\r\nTransfer-Encoding: chunked\r\n\r\n")
+        self.pool.accept()
+        self.send(prefix)
+        sent = 0
+        while not self.client.disconnecting and sent < 8 * 1024 * 1024:
+            self.send(filler)
+            sent += len(filler)
+        return sent
+
+    def test_endlessTrailerLine(self) -> None:
+        sent = self.streamUntilClosed(b"2\r\nok\r\n0\r\nX-T: ", b"a" * 8192)
+        self.assertTrue(self.client.disconnecting)
+        self.assertLess(sent, 512 * 1024)
+        self.assertIn(b"431", self.answered().split(b"\r\n", 1)[0])
+
+    def test_endlessChunkExtension(self) -> None:
+        sent = self.streamUntilClosed(b"2;ext=", b"e" * 8192)
+        self.assertTrue(self.client.disconnecting)
+        self.assertLess(sent, 512 * 1024)
+
+    def test_manySmallChunksAreFine(self) -> None:
+        """Tiny chunks are mostly framing, but each read carries body bytes: never refused."""
+        self.send(b"POST /up HTTP/1.1\r\nHost: gw\r\nTransfer-Encoding: chunked\r\n\r\n")
+        _, up = self.pool.accept()
+        for _ in range(100_000):
+            self.send(b"1\r\nx\r\n")
+        self.send(b"0\r\n\r\n")
+        self.assertFalse(self.client.disconnecting)
+        self.assertTrue(up.value().endswith(b"1\r\nx\r\n0\r\n\r\n"))
+
+
+class ResponseBodyOverheadTests(ForwardTestCase):
+    def test_endlessTrailerLineFromTheUpstream(self) -> None:
+        self.get()
+        conn, up = self.pool.accept()
+        conn.dataReceived(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\nX-T: ")
+        sent = 0
+        while not up.aborted and sent < 8 * 1024 * 1024:
+            conn.dataReceived(b"a" * 8192)
+            sent += 8192
+        self.assertTrue(up.aborted)
+        self.assertLess(sent, 512 * 1024)
+        self.assertTrue(self.client.disconnecting)  # the client sees the response cut short
+
+
 class PooledTimerTests(ForwardTestCase):
     """On a pooled connection the call's timer lives on the connection: no DelayedCall per request."""
 
