@@ -81,12 +81,10 @@ def _findPlugin() -> None:
     """
     Let twistd find our plugin from a source checkout too (an editable install puts ksproxy, not the
     checkout's twisted/plugins folder, on the path).  twistd scans sys.path for twisted/plugins folders.
+    From this module's own file: C{ksproxy.__file__} is None when a folder named ksproxy in the current
+    directory made C{ksproxy} a namespace package.
     """
-    import os
-
-    import ksproxy
-
-    root = os.path.dirname(os.path.dirname(os.path.abspath(ksproxy.__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     if os.path.exists(os.path.join(root, "twisted", "plugins", "ksproxy_plugin.py")) and root not in sys.path:
         sys.path.append(root)
 

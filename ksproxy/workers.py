@@ -22,7 +22,7 @@ from twisted.internet import defer, protocol
 from twisted.internet.endpoints import AdoptedStreamServerEndpoint
 from twisted.logger import Logger
 
-__all__ = ["Supervisor", "bindListening", "inheritedEndpoint", "workerArgv", "LISTEN_FDS"]
+__all__ = ["Supervisor", "bindListening", "inheritedEndpoint", "workerArgv", "packageRoot", "LISTEN_FDS"]
 
 # The environment variable that tells a worker which descriptors hold its --listen sockets, in order.
 LISTEN_FDS = "KSPROXY_LISTEN_FDS"
@@ -146,14 +146,15 @@ class Supervisor(service.Service):
         self._timers.clear()
         ended = [w.ended for w in self.workers.values()]
         self.signalAll(signal.SIGTERM)
+        # The workers stop accepting at once and drain what they accepted; our copy of the sockets must go too,
+        # or the kernel keeps completing handshakes into the backlog, for clients nobody will ever answer.
+        for sock in self.listening:
+            sock.close()
         killer = self.reactor.callLater(self.grace, self.signalAll, signal.SIGKILL)
 
         def done(_: object) -> None:
             if killer.active():
                 killer.cancel()
-
-            for sock in self.listening:
-                sock.close()
 
         return defer.DeferredList(ended).addCallback(done)
 
@@ -205,4 +206,21 @@ def workerArgv(argv: List[str]) -> List[str]:
         if arg.startswith("--workers="):
             continue
         out.append(arg)
-    return [sys.executable, "-m", "ksproxy.cli", "run", *out]
+    return [sys.executable, "-c", _BOOTSTRAP.format(root=packageRoot()), "run", *out]
+
+
+def packageRoot() -> str:
+    """The directory that holds the ksproxy package this process runs."""
+    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# A worker imports the supervisor's own ksproxy.  Not `python -m ksproxy.cli`: that puts the current directory
+# first, where a folder named ksproxy (/etc/ksproxy with its manifests, a checkout's parent directory) would
+# shadow the package and every worker would die.  The current directory's entry is dropped; the directory that
+# holds the package takes its place only when it is not on the path already (a source checkout run without an
+# install), so an installed package's site-packages never moves ahead of the standard library.
+_BOOTSTRAP = (
+    "import sys; sys.path[:] = [p for p in sys.path if p != '']; "
+    "{root!r} in sys.path or sys.path.insert(0, {root!r}); "
+    "from ksproxy.cli import main; sys.exit(main())"
+)

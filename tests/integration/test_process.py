@@ -12,8 +12,10 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
@@ -70,8 +72,8 @@ def demoUpstream():  # type: ignore[no-untyped-def]
     shutil.rmtree(folder, ignore_errors=True)
 
 
-def _start(args, env=None):  # type: ignore[no-untyped-def]
-    return subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def _start(args, env=None, cwd=ROOT):  # type: ignore[no-untyped-def]
+    return subprocess.Popen(args, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def test_twistdForeground(demoUpstream) -> None:  # type: ignore[no-untyped-def]
@@ -163,3 +165,120 @@ def _state(pid: int) -> str:
             return f.read().rsplit(")", 1)[1].split()[0]
     except OSError:
         return "Z"
+
+
+def test_workersRunFromADirectoryHoldingAKsproxyFolder(demoUpstream, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Run from /etc (with /etc/ksproxy/manifests) or a checkout's parent: ./ksproxy must not shadow the package."""
+    (tmp_path / "ksproxy" / "manifests").mkdir(parents=True)
+    port = _freePort()
+    script = os.path.join(os.path.dirname(sys.executable), "ksproxy")
+    if not os.path.exists(script):
+        pytest.skip("the ksproxy console script is not installed")
+    proc = _start(
+        [script, "run", "--listen", f"tcp:{port}:interface=127.0.0.1", "--admin-listen", "none",
+         "--source", f"dir:{demoUpstream}", "--workers", "2", "--no-access-log", "--drain-grace", "1s"],
+        cwd=str(tmp_path),
+    )
+    try:
+        _waitFor(lambda: _get(f"http://127.0.0.1:{port}/proxy/demo/x", timeout=2)[0] == 200, deadline=15)
+        _waitFor(lambda: len(_children(proc.pid)) == 2)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(15)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_workerImportsTheSupervisorsPackage(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A worker runs the supervisor's own ksproxy even where ./ksproxy is another (regular) package."""
+    from ksproxy.workers import workerArgv
+
+    shadow = tmp_path / "ksproxy"
+    shadow.mkdir()
+    (shadow / "__init__.py").write_text("")
+    (shadow / "cli.py").write_text("import sys\nsys.stdout.write('shadowed')\nsys.exit(3)\n")
+    argv = workerArgv(["--workers", "2", "--source", "dir:x"])
+    assert argv[argv.index("run"):] == ["run", "--source", "dir:x"]
+    # The same interpreter and bootstrap, asked for an offline check instead of a gateway.
+    interpreter = argv[: argv.index("run")]
+    done = subprocess.run(
+        [*interpreter, "check", EXAMPLES], cwd=str(tmp_path), capture_output=True, text=True, timeout=30
+    )
+    assert "shadowed" not in done.stdout
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "resources accepted, 0 problems" in done.stdout
+
+
+class _HeldUpstream(BaseHTTPRequestHandler):
+    """Answers /hold only once the test releases it: a request in flight while the gateway stops."""
+
+    received: threading.Event
+    release: threading.Event
+
+    def do_GET(self) -> None:
+        if self.path.startswith("/hold"):
+            self.server.received.set()  # type: ignore[attr-defined]
+            self.server.release.wait(20)  # type: ignore[attr-defined]
+        body = b"ok"
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args) -> None:  # type: ignore[no-untyped-def]
+        pass
+
+
+def _refused(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
+def test_workersRefuseNewConnectionsWhileDraining(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """After SIGTERM the port refuses new clients at once (none waits in a backlog nobody accepts from), and
+    the request in flight still gets its answer."""
+    upstream = ThreadingHTTPServer(("127.0.0.1", 0), _HeldUpstream)
+    upstream.daemon_threads = True
+    upstream.received = threading.Event()  # type: ignore[attr-defined]
+    upstream.release = threading.Event()  # type: ignore[attr-defined]
+    threading.Thread(target=upstream.serve_forever, daemon=True).start()
+    (tmp_path / "held.yaml").write_text(
+        "apiVersion: extensions.kubesphere.io/v1alpha1\nkind: ReverseProxy\nmetadata:\n  name: held\n"
+        "spec:\n  matcher:\n    path: /held/*\n    method: '*'\n  upstream:\n"
+        f"    url: http://127.0.0.1:{upstream.server_address[1]}\n  directives:\n    stripPathPrefix: /held\n"
+    )
+    port = _freePort()
+    proc = _start(
+        [sys.executable, "-m", "ksproxy.cli", "run", "--listen", f"tcp:{port}:interface=127.0.0.1",
+         "--admin-listen", "none", "--source", f"dir:{tmp_path}", "--workers", "2", "--no-access-log",
+         "--drain-grace", "20s"]
+    )
+    client = None
+    try:
+        _waitFor(lambda: _get(f"http://127.0.0.1:{port}/held/ping", timeout=2)[0] == 200)
+        client = socket.create_connection(("127.0.0.1", port), timeout=10)
+        client.sendall(b"GET /held/hold HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert upstream.received.wait(10)
+        proc.send_signal(signal.SIGTERM)
+        _waitFor(lambda: _refused(port), deadline=5)
+        assert proc.poll() is None  # still draining the request in flight
+        upstream.release.set()
+        answer = b""
+        while True:
+            chunk = client.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+        assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(b"ok")
+        assert proc.wait(15) in (0, -signal.SIGTERM, 128 + signal.SIGTERM)
+    finally:
+        upstream.release.set()
+        if client is not None:
+            client.close()
+        if proc.poll() is None:
+            proc.kill()
+        upstream.shutdown()
+        upstream.server_close()

@@ -149,3 +149,64 @@ class ListenerGateTests(SynchronousTestCase):
         self.assertEqual(listened, [])
         ready.callback(None)
         self.assertEqual(listened, [factory])
+
+
+class FindPluginTests(SynchronousTestCase):
+    def test_namespaceShadowedPackage(self) -> None:
+        """A folder named ksproxy in the current directory makes C{ksproxy} a namespace package (no __file__)."""
+        import os
+        import sys
+
+        import ksproxy
+        from ksproxy.cli import _findPlugin
+
+        self.patch(ksproxy, "__file__", None)
+        self.patch(sys, "path", [p for p in sys.path if not os.path.exists(os.path.join(p, "ksproxy", "cli.py"))])
+        _findPlugin()
+        # The checkout holding ksproxy/cli.py, where twisted/plugins/ksproxy_plugin.py is.
+        root = os.path.dirname(os.path.dirname(os.path.abspath(ksproxy.cli.__file__)))
+        self.assertIn(root, sys.path)
+
+
+class SupervisorStopTests(SynchronousTestCase):
+    """On stop the supervisor lets go of the listening sockets at once, not after the workers' drain."""
+
+    def test_closesListeningSocketsWhenStopping(self) -> None:
+        import signal
+        import socket
+
+        from ksproxy.workers import Supervisor
+
+        signals = []
+
+        class Transport:
+            pid = 4242
+
+            def signalProcess(self, signum: int) -> None:
+                signals.append(signum)
+
+        class FakeReactor(Clock):
+            def spawnProcess(self, proto, executable, args, env, childFDs):  # type: ignore[no-untyped-def]
+                return Transport()
+
+        sock = socket.socket()
+        self.addCleanup(sock.close)
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(5)
+        reactor = FakeReactor()
+        supervisor = Supervisor(reactor, ["worker"], 2, 10.0, [sock], env={})
+        supervisor.startService()
+        self.assertEqual(len(supervisor.workers), 2)
+        stopped = supervisor.stopService()
+        self.assertEqual(signals, [signal.SIGTERM, signal.SIGTERM])
+        # The workers are still draining, and the port is closed already.
+        self.assertNoResult(stopped)
+        self.assertEqual(sock.fileno(), -1)
+        for proto in list(supervisor.workers.values()):
+            proto.processEnded(_Ended())
+        self.successResultOf(stopped)
+        self.assertEqual(reactor.getDelayedCalls(), [])
+
+
+class _Ended:
+    value = "exited"
