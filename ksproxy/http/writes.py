@@ -14,8 +14,11 @@ import sys
 from typing import Any, List, Optional
 
 from twisted.internet import tcp
+from twisted.logger import Logger
 
 __all__ = ["BatchedWriter", "directSocket", "flushOut", "noDelay", "outbox", "sendNow", "sendSequenceNow"]
+
+_log = Logger()
 
 # Linux copies TCP_NODELAY from a listening socket to the sockets it accepts.
 _INHERITS_NODELAY = sys.platform.startswith("linux")
@@ -127,7 +130,11 @@ class _Outbox:
     def flush(self) -> None:
         owners, self.owners = self.owners, []
         for owner in owners:
-            owner._flushOut()
+            try:
+                owner._flushOut()
+            except Exception:
+                # One connection's failure must not strand what the others queued.
+                _log.failure("sending queued response bytes failed")
 
 
 outbox = _Outbox()

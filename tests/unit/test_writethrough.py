@@ -163,3 +163,31 @@ def test_flushOutEarlyThenAgainInTheSameTurn() -> None:
     a._out.append(b"two")
     clock.advance(0)
     assert a._sock.sent == [b"one", b"two"]
+
+
+def test_oneFailingConnectionDoesNotStrandTheOthers() -> None:
+    from twisted.logger import globalLogPublisher
+
+    box = _Outbox()
+    flushed: List[str] = []
+    events: List[dict] = []
+
+    class Owner:
+        def __init__(self, name: str, fail: bool = False) -> None:
+            self.name, self.fail = name, fail
+
+        def _flushOut(self) -> None:
+            if self.fail:
+                raise RuntimeError("broken")
+            flushed.append(self.name)
+
+    clock = task.Clock()
+    for owner in (Owner("a"), Owner("b", fail=True), Owner("c")):
+        box.add(owner, clock)
+    globalLogPublisher.addObserver(events.append)
+    try:
+        clock.advance(0)
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert flushed == ["a", "c"]
+    assert any(e.get("log_failure") is not None for e in events)
