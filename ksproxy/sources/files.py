@@ -280,6 +280,12 @@ def _readBytes(path: str) -> Union[bytes, SourceError, None]:
         return SourceError(path, f"{path}: cannot read: {e.strerror or e}")
 
 
+def _jsonObject(pairs: List[Tuple[str, Any]]) -> Dict[str, Any]:
+    # A Python call per object: one json.loads of a large manifest otherwise holds the interpreter lock for
+    # tens of milliseconds in one C call, stalling every request meanwhile; a Python call lets the reactor in.
+    return dict(pairs)
+
+
 def _asJSON(text: str) -> Optional[List[Any]]:
     """
     The one document of a YAML file whose content is a JSON object (as C{kubectl get -o json} writes), read as
@@ -290,7 +296,7 @@ def _asJSON(text: str) -> Optional[List[Any]]:
     if not text.lstrip().startswith("{"):
         return None
     try:
-        value = json.loads(text)
+        value = json.loads(text, object_pairs_hook=_jsonObject)
     except (ValueError, RecursionError):
         return None
     return [value] if isinstance(value, dict) else None
