@@ -163,6 +163,7 @@ class Metrics:
         self._resourceLabels: Set[Tuple[str, str]] = set()
         self._live: Optional[_LiveCollector] = None
         self._unsummarized: Any = None  # the last report, until a scrape summarizes it
+        self._liveRoutes: Optional[Set[str]] = None  # the routes of the last summarized table
 
     # -- per request ----------------------------------------------------------------------------------------
 
@@ -213,14 +214,18 @@ class Metrics:
 
     def _summarize(self) -> None:
         report, self._unsummarized = self._unsummarized, None
-        if report is None:
+        if report is not None:
+            self._countResources(report)
+            self._liveRoutes = {
+                _ROUTE_PREFIX[type(r)] + r.meta.name
+                for r in report.snapshot.resources
+                if type(r) in _ROUTE_PREFIX
+            }
+        live = self._liveRoutes
+        if live is None:
             return
-        self._countResources(report)
-        live = {
-            _ROUTE_PREFIX[type(r)] + r.meta.name
-            for r in report.snapshot.resources
-            if type(r) in _ROUTE_PREFIX
-        }
+        # Also at a scrape without a new table: a request that was still running on a removed route when it
+        # was forgotten brings its labels back when it finishes.
         for route in [r for r in self._routeKeys if r not in live and r not in _FIXED_ROUTES]:
             self._forgetRoute(route)
 
