@@ -7,7 +7,7 @@ import socket
 import unittest as pyunittest
 
 from twisted.internet import defer, protocol
-from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
 from ksproxy.cli import _reactorArgs
 
@@ -175,3 +175,194 @@ class OutboxTests(TestCase):
         answer = yield _exchange(reactor, port.getHost().port, b"hello", len(expected))
         self.assertEqual(answer, expected)
         self.assertNotIn("_Outbox.flush", scheduled)
+
+
+class _SpyPoller:
+    """Records the epoll calls made for each descriptor; passes everything on to the real poller."""
+
+    def __init__(self, real) -> None:  # type: ignore[no-untyped-def]
+        self.real = real
+        self.calls = []
+
+    def register(self, fd, flags):  # type: ignore[no-untyped-def]
+        self.calls.append(("register", fd))
+        return self.real.register(fd, flags)
+
+    def modify(self, fd, flags):  # type: ignore[no-untyped-def]
+        self.calls.append(("modify", fd))
+        return self.real.modify(fd, flags)
+
+    def unregister(self, fd):  # type: ignore[no-untyped-def]
+        self.calls.append(("unregister", fd))
+        return self.real.unregister(fd)
+
+    def poll(self, *args):  # type: ignore[no-untyped-def]
+        return self.real.poll(*args)
+
+    def close(self) -> None:
+        self.real.close()
+
+    def fileno(self) -> int:
+        return self.real.fileno()
+
+
+@pyunittest.skipUnless(HAS_EPOLL, "epoll is Linux-only")
+class FastCloseTests(TestCase):
+    """
+    Accepted connections close at the end of the turn when nothing is left to write: no epoll registration
+    for writability, no extra poll; everything that makes the close not clean takes Twisted's path instead.
+    """
+
+    def setUp(self) -> None:
+        from twisted.internet import reactor
+
+        from ksproxy.reactor import KsproxyReactor
+
+        if not isinstance(reactor, KsproxyReactor):
+            raise SkipTest("the suite runs on another reactor (KSPROXY_TEST_REACTOR)")
+
+    def serve(self, onData):  # type: ignore[no-untyped-def]
+        from twisted.internet import reactor
+
+        from ksproxy.reactor import Server
+
+        record = {"lost": [], "fds": [], "transports": []}
+
+        class Probe(protocol.Protocol):
+            def connectionMade(self) -> None:
+                record["transports"].append(self.transport)
+                record["fds"].append(self.transport.fileno())
+
+            def dataReceived(self, data: bytes) -> None:
+                onData(self, data)
+
+            def connectionLost(self, reason: object) -> None:
+                record["lost"].append(reason)
+
+        port = reactor.listenTCP(0, protocol.Factory.forProtocol(Probe), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        spy = _SpyPoller(reactor._poller)
+        self.patch(reactor, "_poller", spy)
+        record["spy"] = spy
+        record["port"] = port.getHost().port
+        self.assertIs(port.transport, Server)
+        return record
+
+    @defer.inlineCallbacks
+    def test_cleanCloseSkipsTheWritabilityRoundTrip(self):  # type: ignore[no-untyped-def]
+        from twisted.internet import reactor
+        from twisted.internet.error import ConnectionDone
+
+        def answer(proto, data):  # type: ignore[no-untyped-def]
+            proto.transport.socket.send(b"bye:" + data)  # written through, as ksproxy's sendNow does
+            proto.transport.loseConnection()
+            proto.transport.loseConnection()  # twice is harmless
+
+        record = self.serve(answer)
+        got = yield _exchange(reactor, record["port"], b"hi", expect=1 << 20)
+        self.assertEqual(got, b"bye:hi")  # and then EOF: _exchange reads until the server closes
+        self.assertEqual(len(record["lost"]), 1)
+        self.assertTrue(record["lost"][0].check(ConnectionDone))
+        fd = record["fds"][0]
+        # Registered for reading once when accepted; nothing after: closing the socket left the epoll set.
+        self.assertEqual([c for c in record["spy"].calls if c[1] == fd], [("register", fd)])
+        self.assertNotIn(fd, reactor._selectables)
+        self.assertNotIn(fd, reactor._reads)
+        self.assertNotIn(fd, reactor._writes)
+
+    @defer.inlineCallbacks
+    def test_bytesWrittenAfterLoseConnectionStillLeave(self):  # type: ignore[no-untyped-def]
+        from twisted.internet import reactor
+
+        def answer(proto, data):  # type: ignore[no-untyped-def]
+            proto.transport.loseConnection()
+            proto.transport.write(b"late ")
+            proto.transport.writeSequence([b"but ", b"complete"])
+
+        record = self.serve(answer)
+        got = yield _exchange(reactor, record["port"], b"hi", expect=1 << 20)
+        self.assertEqual(got, b"late but complete")
+        self.assertEqual(len(record["lost"]), 1)
+        self.assertNotIn(record["fds"][0], reactor._selectables)
+
+    @defer.inlineCallbacks
+    def test_abortAfterLoseConnectionWins(self):  # type: ignore[no-untyped-def]
+        from twisted.internet import reactor
+        from twisted.internet.error import ConnectionAborted
+
+        def answer(proto, data):  # type: ignore[no-untyped-def]
+            proto.transport.loseConnection()
+            proto.transport.abortConnection()
+
+        record = self.serve(answer)
+        got = yield _exchange(reactor, record["port"], b"hi", expect=1 << 20)
+        self.assertEqual(got, b"")
+        yield _turns(reactor, 2)
+        self.assertEqual(len(record["lost"]), 1)
+        self.assertTrue(record["lost"][0].check(ConnectionAborted))
+
+    @defer.inlineCallbacks
+    def test_aProducerRegisteredAfterLoseConnectionIsResumedFirst(self):  # type: ignore[no-untyped-def]
+        """As Twisted's doWrite does: a pull producer gets its turn before the close."""
+        from twisted.internet import reactor
+
+        class Once:
+            def __init__(self, transport) -> None:  # type: ignore[no-untyped-def]
+                self.transport = transport
+
+            def resumeProducing(self) -> None:
+                self.transport.write(b"produced")
+                self.transport.unregisterProducer()
+
+            def stopProducing(self) -> None:
+                pass
+
+        def answer(proto, data):  # type: ignore[no-untyped-def]
+            proto.transport.loseConnection()
+            proto.transport.registerProducer(Once(proto.transport), False)
+
+        record = self.serve(answer)
+        got = yield _exchange(reactor, record["port"], b"hi", expect=1 << 20)
+        self.assertEqual(got, b"produced")
+        self.assertEqual(len(record["lost"]), 1)
+
+    @defer.inlineCallbacks
+    def test_manyClosesLeaveNoBookkeepingBehind(self):  # type: ignore[no-untyped-def]
+        from twisted.internet import reactor
+
+        from ksproxy.reactor import Server
+
+        def answer(proto, data):  # type: ignore[no-untyped-def]
+            proto.transport.socket.send(data)
+            proto.transport.loseConnection()
+
+        record = self.serve(answer)
+        before = set(reactor._selectables)
+        for i in range(20):
+            got = yield _exchange(reactor, record["port"], b"n%d" % i, expect=1 << 20)
+            self.assertEqual(got, b"n%d" % i)
+        self.assertEqual(len(record["lost"]), 20)
+        left = {fd: s for fd, s in reactor._selectables.items() if fd not in before and isinstance(s, Server)}
+        self.assertEqual(left, {})
+
+    def test_adoptedPortsAcceptFastClosingConnections(self) -> None:
+        """`--workers` hands the listening socket to its workers: adopted ports get the same transport."""
+        from twisted.internet import reactor
+
+        from ksproxy.reactor import Server
+
+        listener = socket.socket()
+        self.addCleanup(listener.close)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(5)
+        listener.setblocking(False)
+        port = reactor.adoptStreamPort(listener.fileno(), socket.AF_INET, protocol.Factory.forProtocol(protocol.Protocol))
+        self.addCleanup(port.stopListening)
+        self.assertIs(port.transport, Server)
+
+
+def _turns(reactor, n: int) -> defer.Deferred:  # type: ignore[no-untyped-def]
+    """Fire after C{n} more reactor turns."""
+    from twisted.internet import task
+
+    return task.deferLater(reactor, 0.01 * n, lambda: None)
