@@ -21,9 +21,10 @@ C{twisted/plugins/ksproxy_reactor.py}), or by calling L{install} before anything
 from __future__ import annotations
 
 import errno
+import socket
 from typing import Any, List, Optional
 
-from twisted.internet import main, tcp
+from twisted.internet import address, main, tcp
 from twisted.internet.epollreactor import EPollReactor
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -51,7 +52,33 @@ class Server(tcp.Server):
     Anything that makes the close not clean falls back to Twisted's path at the end of the turn: bytes
     written after C{loseConnection} (they are flushed first), a producer registered since (it is resumed
     first, as C{doWrite} does), an C{abortConnection} (it wins), a half-close.
+
+    It also formats its log prefix and repr only when asked: Twisted's constructor builds both strings for
+    every connection.
     """
+
+    def __init__(self, sock: Any, protocol: Any, client: Any, server: Any, sessionno: int, reactor: Any) -> None:
+        # tcp.Server.__init__, minus the two strings.
+        tcp.Connection.__init__(self, sock, protocol, reactor)
+        if len(client) != 2:
+            self._addressType = address.IPv6Address
+        self.server = server
+        self.client = client
+        self.sessionno = sessionno
+        self.hostname = client[0]
+        self.startReading()
+        self.connected = 1
+
+    @property  # type: ignore[override]
+    def logstr(self) -> str:
+        protocol = self.__dict__.get("protocol")  # gone after connectionLost
+        prefix = self._getLogPrefix(protocol) if protocol is not None else "-"
+        return f"{prefix},{self.sessionno},{self.hostname}"
+
+    def __repr__(self) -> str:
+        protocol = self.__dict__.get("protocol")
+        name = type(protocol).__name__ if protocol is not None else "-"
+        return f"<{name} #{self.sessionno} on {getattr(self.server, '_realPortNumber', None)}>"
 
     def loseConnection(self, _connDone: Failure = _CONNECTION_DONE) -> None:
         if (
@@ -87,9 +114,49 @@ class Server(tcp.Server):
 
 
 class Port(tcp.Port):
-    """A listening TCP port whose accepted connections are L{Server}s."""
+    """
+    A listening TCP port whose accepted connections are L{Server}s, with Twisted's accept loop minus its
+    per-batch log buffering and generator.  Any error but "nothing more to accept" (EMFILE, ENOBUFS, EPERM...)
+    goes to Twisted's own loop, which knows how to recover from each and what to log.
+    """
 
     transport = Server
+
+    def doRead(self) -> None:
+        accept = self.socket.accept
+        factory = self.factory
+        buildAddr = self._buildAddr
+        makeTransport = self.transport
+        reactor = self.reactor
+        accepted = 0
+        try:
+            for _ in range(self.numberAccepts):
+                try:
+                    skt, addr = accept()
+                except BlockingIOError:
+                    break
+                except OSError:
+                    tcp.Port.doRead(self)
+                    return
+                accepted += 1
+                if len(addr) == 4:
+                    # IPv6: keep the scope ID, as Twisted does.
+                    host = socket.getnameinfo(addr, socket.NI_NUMERICHOST | socket.NI_NUMERICSERV)
+                    addr = (host[0], *addr[1:])
+                protocol = factory.buildProtocol(buildAddr(addr))
+                if protocol is None:
+                    skt.close()
+                    continue
+                sessionno = self.sessionno
+                self.sessionno = sessionno + 1
+                protocol.makeConnection(makeTransport(skt, protocol, addr, self, sessionno, reactor))
+        except BaseException:
+            _log.failure("accepting a connection on {port!r} failed", port=self)
+        # Twisted's batch sizing: grow while the backlog keeps the loop busy, shrink to what was there.
+        if accepted == self.numberAccepts:
+            self.numberAccepts += 20
+        else:
+            self.numberAccepts = max(1, accepted)
 
 
 class KsproxyReactor(EPollReactor):
@@ -113,8 +180,6 @@ class KsproxyReactor(EPollReactor):
         return p
 
     def adoptStreamPort(self, fileDescriptor: int, addressFamily: Any, factory: Any) -> Any:
-        import socket
-
         if addressFamily not in (socket.AF_INET, socket.AF_INET6):
             return super().adoptStreamPort(fileDescriptor, addressFamily, factory)
         p = Port._fromListeningDescriptor(self, fileDescriptor, addressFamily, factory)

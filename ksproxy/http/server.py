@@ -401,52 +401,59 @@ _DISCARD = _Discard()
 class HTTPServerProtocol(BatchedWriter, Protocol):
     """One client connection: parse requests, hand them to the handler, write responses in order."""
 
+    # Initial state as class attributes: an instance dict holds only what a connection has changed, which
+    # keeps it small (CPython shares the keys of small instance dicts) and makes a connection cheaper to set up.
+    peerHost = "-"
+    secure = False
+    _sock: Optional[socket.socket] = None  # for writing through (L{sendNow}); None on TLS
+    _urlLen = 0
+    _headerBytes = 0
+    _current: Optional[Exchange] = None  # the exchange whose response is being written
+    _parsing: Optional[Exchange] = None  # the exchange whose request is being parsed
+    _pauses = 0
+    _congested = False
+    _closing = False
+    _tunnelled: Optional[Exchange] = None
+    # One timer per connection for both the keep-alive and the header timeout (see L{_ensureTimer}).
+    _timer = None
+    _idleSince = 0.0  # when the connection last became idle
+    _headSince = 0.0  # when the request head being read began
+    _gone = False
+    # A request head is being read: its bytes count against the limits before llhttp hands them over.
+    _inHead = False
+    _fresh = False
+    _headSeen = 0
+    # Body phase: whether this read carried body bytes, and the bytes of reads in a row that carried none.
+    _bodyRead = False
+    _noBodyRun = 0
+    _h2 = None  # the HTTP/2 connection, once ALPN chose h2
+    _producing = False  # registered as our transport's producer
+    _linger = None
+
     def __init__(self, factory: HTTPServerFactory) -> None:
         self.factory = factory
         self.handler = factory.handler
         self.limits = factory.limits
         self.clock = factory.clock
-        self._timerSpan = min(self.limits.headerTimeout, self.limits.keepAliveTimeout)  # see _ensureTimer
-        self.peerHost = "-"
-        self.secure = False
-        self._sock: Optional[socket.socket] = None  # for writing through (L{sendNow}); None on TLS
+        self._timerSpan = factory._timerSpan  # see _ensureTimer
         self._out: List[bytes] = []  # written in this reactor turn, sent at its end (L{_Outbox})
         self._parser = httptools.HttpRequestParser(self)
         self._url: List[bytes] = []
-        self._urlLen = 0
         self._headers: List[List[bytes]] = []  # Headers items: [lowerName, name, value]
-        self._headerBytes = 0
-        self._current: Optional[Exchange] = None  # the exchange whose response is being written
-        self._parsing: Optional[Exchange] = None  # the exchange whose request is being parsed
         self._queue: List[Exchange] = []  # pipelined exchanges waiting for their turn
-        self._pauses = 0
-        self._congested = False
-        self._closing = False
-        self._tunnelled: Optional[Exchange] = None
-        # One timer per connection for both the keep-alive and the header timeout (see L{_ensureTimer}).
-        self._timer = None
-        self._idleSince = 0.0  # when the connection last became idle
-        self._headSince = 0.0  # when the request head being read began
-        self._gone = False
-        # A request head is being read: its bytes count against the limits before llhttp hands them over.
-        self._inHead = False
-        self._fresh = False
-        self._headSeen = 0
-        # Body phase: whether this read carried body bytes, and the bytes of reads in a row that carried none.
-        self._bodyRead = False
-        self._noBodyRun = 0
-        self._h2 = None  # the HTTP/2 connection, once ALPN chose h2
-        self._producing = False  # registered as our transport's producer
-        self._linger = None
 
     # -- connection ---------------------------------------------------------------------------------------
 
     def connectionMade(self) -> None:
         transport = self.transport
-        peer = transport.getPeer()
-        self.peerHost = getattr(peer, "host", None) or "unix"
         self._sock = directSocket(transport)
-        self.secure = self._sock is None and (getattr(transport, "TLS", False) or _isTLS(transport))
+        client = getattr(transport, "client", None)
+        if type(client) is tuple:  # a TCP connection's (host, port, ...), which getPeer() would wrap
+            self.peerHost = client[0]
+        else:
+            self.peerHost = getattr(transport.getPeer(), "host", None) or "unix"
+        if self._sock is None:
+            self.secure = bool(getattr(transport, "TLS", False) or _isTLS(transport))
         if self.secure:
             # ALPN has its answer once the handshake is over, which is before the first application byte.
             self.dataReceived = self._firstSecureData  # type: ignore[method-assign]
@@ -914,6 +921,10 @@ class HTTPServerFactory(Factory):
         self.accessLog = accessLog
         self.connections: set = set()
         self.draining = False
+
+    @property
+    def _timerSpan(self) -> float:
+        return min(self.limits.headerTimeout, self.limits.keepAliveTimeout)
 
     def buildProtocol(self, addr):  # type: ignore[no-untyped-def]
         return HTTPServerProtocol(self)
