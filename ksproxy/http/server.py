@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import re
 import socket
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 from typing import Protocol as TypingProtocol
 
 import attrs
@@ -416,6 +416,7 @@ class HTTPServerProtocol(BatchedWriter, Protocol):
     _tunnelled: Optional[Exchange] = None
     # One timer per connection for both the keep-alive and the header timeout (see L{_ensureTimer}).
     _timer = None
+    _arrivalQueued = False  # its first deadline is kept by the factory (L{HTTPServerFactory._arrived})
     _idleSince = 0.0  # when the connection last became idle
     _headSince = 0.0  # when the request head being read began
     _gone = False
@@ -465,7 +466,10 @@ class HTTPServerProtocol(BatchedWriter, Protocol):
         # Until its first request begins, a connection has the header timeout, not the keep-alive one: a client
         # that connects and says nothing holds a socket for headerTimeout at most (as nginx's client_header_timeout).
         self._fresh = True
-        self._ensureTimer(self._idleSince)
+        # Its first deadline is kept by the factory's queue of new connections, not a timer of its own: a
+        # connection that sends one request and closes then never schedules or cancels a DelayedCall.
+        self._arrivalQueued = True
+        self.factory._arrived(self, self._idleSince)
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self._gone = True
@@ -832,6 +836,8 @@ class HTTPServerProtocol(BatchedWriter, Protocol):
     # fires early it re-arms for what is left.
 
     def _ensureTimer(self, now: float) -> None:
+        if self._arrivalQueued:
+            self._leaveArrivals()
         span = self._timerSpan
         timer = self._timer
         if timer is not None and timer.active():
@@ -840,7 +846,13 @@ class HTTPServerProtocol(BatchedWriter, Protocol):
             timer.cancel()
         self._timer = self.clock.callLater(span, self._timedOut)
 
+    def _leaveArrivals(self) -> None:
+        self._arrivalQueued = False
+        self.factory._left(self)
+
     def _cancelTimer(self) -> None:
+        if self._arrivalQueued:
+            self._leaveArrivals()
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
@@ -922,9 +934,60 @@ class HTTPServerFactory(Factory):
         self.connections: set = set()
         self.draining = False
 
+        # New connections in arrival order, and one timer for the oldest one's deadline (L{_arrived}).
+        self._arrivals: Dict[HTTPServerProtocol, None] = {}
+        self._arrivalTimer = None
+
     @property
     def _timerSpan(self) -> float:
         return min(self.limits.headerTimeout, self.limits.keepAliveTimeout)
+
+    def _arrived(self, proto: HTTPServerProtocol, now: float) -> None:
+        """
+        Keep C{proto}'s first deadline (C{now} + its timer span) until it arms a timer of its own or goes.
+        Connections arrive in deadline order, so one timer at the oldest deadline serves them all.
+        """
+        self._arrivals[proto] = None
+        if self._arrivalTimer is None:
+            self._arrivalTimer = self.clock.callLater(self._timerSpan, self._arrivalsDue)
+
+    def _left(self, proto: HTTPServerProtocol) -> None:
+        arrivals = self._arrivals
+        arrivals.pop(proto, None)
+        if not arrivals and self._arrivalTimer is not None:
+            # Nothing left to time out: an idle gateway holds no timer.
+            self._arrivalTimer.cancel()
+            self._arrivalTimer = None
+
+    def stopFactory(self) -> None:
+        # The listener is gone (its connections may live on: they get timers of their own).
+        timer, self._arrivalTimer = self._arrivalTimer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+        arrivals, self._arrivals = self._arrivals, {}
+        now = self.clock.seconds()
+        for proto in arrivals:
+            proto._arrivalQueued = False
+            if not proto._gone:
+                proto._timer = self.clock.callLater(max(0.0, proto._idleSince + self._timerSpan - now), proto._timedOut)
+
+    def _arrivalsDue(self) -> None:
+        self._arrivalTimer = None
+        arrivals = self._arrivals
+        now = self.clock.seconds()
+        span = self._timerSpan
+        while arrivals:
+            proto = next(iter(arrivals))
+            left = proto._idleSince + span - now
+            if left > 1e-9:
+                self._arrivalTimer = self.clock.callLater(left, self._arrivalsDue)
+                return
+            del arrivals[proto]
+            proto._arrivalQueued = False
+            try:
+                proto._timedOut()  # what its own timer would have done now
+            except Exception:
+                log.failure("timing out {proto!r} failed", proto=proto)
 
     def buildProtocol(self, addr):  # type: ignore[no-untyped-def]
         return HTTPServerProtocol(self)

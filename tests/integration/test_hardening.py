@@ -495,3 +495,78 @@ class EngineLimitTests(SynchronousTestCase):
         proto.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         proto.connectionLost(None)
         self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
+class ArrivalDeadlineTests(SynchronousTestCase):
+    """
+    A new connection's first deadline (the header timeout) is kept by one factory timer for all new
+    connections, not a DelayedCall each: the deadlines are the same as with a timer per connection.
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.factory = HTTPServerFactory(_Echo(), self.clock, ServerLimits(headerTimeout=10.0, keepAliveTimeout=100.0))
+
+    def connect(self):  # type: ignore[no-untyped-def]
+        proto = self.factory.buildProtocol(None)
+        transport = _Transport(peerAddress=IPv4Address("TCP", "10.0.0.1", 5555))
+        proto.makeConnection(transport)
+        return proto, transport
+
+    def test_eachSilentConnectionClosesAtItsOwnDeadlineWithOneTimer(self) -> None:
+        transports = []
+        for _ in range(5):
+            transports.append(self.connect()[1])
+            self.assertEqual(len(self.clock.getDelayedCalls()), 1)
+            self.clock.advance(1.0)
+        # Connection i arrived at t=i and must close at t=i+10, not before.
+        for i, transport in enumerate(transports):
+            self.clock.advance(10.0 + i - self.clock.seconds() - 0.01)
+            self.assertFalse(transport.disconnecting, i)
+            self.clock.advance(0.02)
+            self.assertTrue(transport.disconnecting, i)
+            self.assertTrue(all(not t.disconnecting for t in transports[i + 1 :]))
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_aSlowHeadStillGets408AtItsDeadline(self) -> None:
+        _, early = self.connect()
+        self.clock.advance(3.0)
+        proto, transport = self.connect()
+        proto.dataReceived(b"GET / HTTP/1.1\r\nHo")
+        self.clock.advance(7.0 + 0.01)  # the first one's deadline: the second is not due yet
+        self.assertTrue(early.disconnecting)
+        self.assertEqual(transport.value(), b"")
+        self.clock.advance(3.0)
+        status, _, _ = splitResponse(transport.value())
+        self.assertEqual(status, b"HTTP/1.1 408 Request Timeout")
+
+    def test_aRequestAndCloseLeaveNoTimer(self) -> None:
+        proto, transport = self.connect()
+        proto.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        self.assertTrue(transport.disconnecting)
+        proto.connectionLost(None)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.assertEqual(self.factory._arrivals, {})
+
+    def test_aKeepAliveConnectionMovesToItsOwnTimer(self) -> None:
+        proto, transport = self.connect()
+        quiet, quietTransport = self.connect()
+        proto.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertFalse(transport.disconnecting)
+        self.assertNotIn(proto, self.factory._arrivals)
+        self.clock.advance(10.01)
+        self.assertTrue(quietTransport.disconnecting)  # header timeout
+        self.assertFalse(transport.disconnecting)  # keep-alive: 100 s
+        self.clock.advance(90.0)
+        self.assertTrue(transport.disconnecting)
+
+    def test_stoppingTheListenerKeepsTheDeadlines(self) -> None:
+        _, transport = self.connect()
+        self.clock.advance(4.0)
+        self.factory.doStart()
+        self.factory.doStop()
+        self.clock.advance(5.99)
+        self.assertFalse(transport.disconnecting)
+        self.clock.advance(0.02)
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
