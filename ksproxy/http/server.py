@@ -766,6 +766,10 @@ class HTTPServerProtocol(BatchedWriter, Protocol):
     # -- writing and pipelining -----------------------------------------------------------------------------
 
     def _exchangeFinished(self, exchange: Exchange, aborted: bool = False) -> None:
+        if self._out and not aborted:
+            # The response is complete: send it now, not after the access log, the metrics and the next
+            # request's set-up (the client's latency, most visible at low load).
+            flushOut(self)
         self.factory._logExchange(exchange, aborted=aborted)
         if self._gone:
             return

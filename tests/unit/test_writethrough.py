@@ -191,3 +191,39 @@ def test_oneFailingConnectionDoesNotStrandTheOthers() -> None:
         globalLogPublisher.removeObserver(events.append)
     assert flushed == ["a", "c"]
     assert any(e.get("log_failure") is not None for e in events)
+
+
+def test_aFinishedResponseLeavesBeforeTheAccessLogRuns() -> None:
+    """The client's latency: the response is sent when it is complete, not after the bookkeeping of the turn."""
+    from ksproxy.http.server import HTTPServerFactory
+    from ksproxy.http.writes import outbox
+
+    class Handler:
+        def handleRequest(self, exchange) -> None:  # type: ignore[no-untyped-def]
+            exchange.writeHead(200, [(b"Content-Type", b"text/plain")], length=2)
+            exchange.write(b"ok")
+            exchange.finish()
+
+    class Transport(StringTransport):
+        dataBuffer = b""
+        _tempDataLen = 0
+        _writeDisconnected = False
+        connected = True
+        reactor = task.Clock()  # the outbox's end of turn: a callLater(0) that this test never runs
+
+    sock = FakeSocket()
+    sentWhenLogged = []
+    factory = HTTPServerFactory(
+        Handler(), task.Clock(), accessLog=lambda exchange, aborted: sentWhenLogged.append(b"".join(sock.sent))
+    )
+    proto = factory.buildProtocol(None)
+    proto.makeConnection(Transport())
+    proto._sock = sock  # as on a plain TCP connection: writes are queued for the end of the turn
+    try:
+        proto.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    finally:
+        while proto in outbox.owners:  # the shared outbox: leave nothing of this test behind
+            outbox.owners.remove(proto)
+    assert len(sentWhenLogged) == 1
+    assert sentWhenLogged[0].startswith(b"HTTP/1.1 200 OK\r\n")
+    assert sentWhenLogged[0].endswith(b"\r\n\r\nok")
