@@ -345,6 +345,21 @@ class FastCloseTests(TestCase):
         left = {fd: s for fd, s in reactor._selectables.items() if fd not in before and isinstance(s, Server)}
         self.assertEqual(left, {})
 
+    @defer.inlineCallbacks
+    def test_readsAndThePeersCloseGoThroughTheOneFrameRead(self):  # type: ignore[no-untyped-def]
+        """Server.doRead (recv and dataReceived in one frame): data, then the peer's FIN as a clean close."""
+        from twisted.internet import reactor
+        from twisted.internet.error import ConnectionDone
+
+        received = []
+        record = self.serve(lambda proto, data: received.append(data))
+        got = yield _exchange(reactor, record["port"], b"x" * 100_000, expect=1)  # closes after its timeout
+        self.assertEqual(got, b"")
+        yield _turns(reactor, 2)
+        self.assertEqual(b"".join(received), b"x" * 100_000)
+        self.assertEqual(len(record["lost"]), 1)
+        self.assertTrue(record["lost"][0].check(ConnectionDone))
+
     def test_adoptedPortsAcceptFastClosingConnections(self) -> None:
         """`--workers` hands the listening socket to its workers: adopted ports get the same transport."""
         from twisted.internet import reactor
