@@ -182,6 +182,14 @@ class Options(usage.Options):
         ["routes", None, RoutesOptions, "Print the compiled routes."],
     ]
 
+    def getSynopsis(self) -> str:
+        synopsis = super().getSynopsis()
+        if getattr(self, "subCommand", None):
+            # A subcommand's usage line is this one plus its own: without ours, it reads
+            # "ksproxy run [options]", not "ksproxy run|check|routes [options] run [options]".
+            return synopsis[: -len(" " + self.synopsis)]
+        return synopsis
+
     def postOptions(self) -> None:
         if self.subCommand is None:
             raise usage.UsageError("choose a subcommand: run, check or routes")

@@ -28,6 +28,13 @@ class OptionsTests(SynchronousTestCase):
         self.assertEqual(run["drain-grace"], 25.0)
         self.assertEqual(run["idle-timeout"], 900.0)
 
+    def test_usageLines(self) -> None:
+        """`ksproxy run --help` reads "ksproxy run [options]", not the parent's synopsis followed by its own."""
+        self.assertIn("run|check|routes [options]", Options().getSynopsis())
+        top = parse("run", "--source", "dir:examples")
+        self.assertNotIn("run|check|routes", top.subOptions.getSynopsis())
+        self.assertTrue(top.subOptions.getSynopsis().endswith(" run [options]"), top.subOptions.getSynopsis())
+
     def test_repeatableListen(self) -> None:
         run = parse("run", "--source", "dir:x", "--listen", "tcp:1", "--listen", "unix:/tmp/s").subOptions
         self.assertEqual(run["listen"], ["tcp:1", "unix:/tmp/s"])
