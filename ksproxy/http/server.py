@@ -682,7 +682,7 @@ class HTTPServerProtocol(BatchedWriter, Protocol):
         items = self._headers
         headers = Headers.fromItems(items)
         target = b"".join(self._url) if len(self._url) != 1 else self._url[0]
-        version = parser.get_http_version().encode("ascii")
+        version = _VERSIONS.get(parser.get_http_version()) or parser.get_http_version().encode("ascii")
         method = parser.get_method()
         # One pass for the framing facts (not one scan per question).
         te = cl = expect = host = None
@@ -713,9 +713,13 @@ class HTTPServerProtocol(BatchedWriter, Protocol):
             raise _BadRequest(400, "missing Host header")
         if hosts > 1:
             raise _BadRequest(400, "more than one Host header")
-        if host and not _VALID_HOST(host):
-            # RFC 9112 3.2: a Host that is not host[:port] is a 400 (it would reach X-Forwarded-Host and rules).
-            raise _BadRequest(400, "invalid Host header")
+        if host and host not in _validHosts:
+            if not _VALID_HOST(host):
+                # RFC 9112 3.2: a Host that is not host[:port] is a 400 (it would reach X-Forwarded-Host and rules).
+                raise _BadRequest(400, "invalid Host header")
+            if len(_validHosts) >= 1024:
+                _validHosts.clear()  # bounded: a client cycling through names costs a regex match each, no memory
+            _validHosts.add(host)
         exchange = Exchange(
             self,
             method,
@@ -902,6 +906,12 @@ class HTTPServerProtocol(BatchedWriter, Protocol):
 
 # RFC 3986 host (IP-literal, IPv4 or reg-name) and an optional port; empty is allowed (RFC 9112 3.2).
 _VALID_HOST = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~%!$&'()*+,;=]*)(?::[0-9]*)?\Z").match
+
+
+# Host values already found valid: most requests repeat a handful of them (checked once each).
+_validHosts: set = set()
+
+_VERSIONS = {"1.1": b"1.1", "1.0": b"1.0"}
 
 
 def _isTLS(transport: object) -> bool:

@@ -178,7 +178,7 @@ class Gateway:
                 return
             exchange.sendError(404, f"no route for {path.rawPath.decode('latin-1')}")
             return
-        exchange.route = f"{route.kind}/{route.name}"
+        exchange.route = route.label
         if not route.servable:
             exchange.discardBody()
             exchange.sendError(503, f"{route.resource.kind} {route.name} is not available: {route.reason}", [_RETRY_AFTER])
@@ -195,7 +195,7 @@ class Gateway:
     # -- bundles --------------------------------------------------------------------------------------------
 
     def _serveBundle(self, exchange: Exchange, state: ServedState, route: Route) -> None:
-        exchange.route = f"bundle/{route.name}"
+        exchange.route = route.label
         exchange.discardBody()
         if not route.servable:
             exchange.sendError(503, f"JSBundle {route.name} is not available: {route.reason}", [_RETRY_AFTER])

@@ -61,6 +61,12 @@ class Route:
     reason: str = ""
     method: str = "*"
     asset: Optional[Asset] = attrs.field(default=None, repr=False)
+    # "<kind>/<name>", what the access log calls the route: built once, not per request.
+    label: str = attrs.field(init=False, repr=False, eq=False)
+
+    @label.default
+    def _label(self) -> str:
+        return f"{self.kind}/{self.name}"
 
     def describe(self) -> Dict[str, Any]:
         d: Dict[str, Any] = {
