@@ -21,7 +21,6 @@ from twisted.python.failure import Failure
 from ..http.headers import Headers, renderInto
 from ..http.server import Exchange
 from ..http.upstream import UpstreamConnection, UpstreamPool, UpstreamResponseTooLarge
-from ..http.writes import flushOut
 from ..model.types import Endpoint
 
 __all__ = ["Timeouts", "HOP_BY_HOP", "UpstreamRequest", "ProxyCall", "stripHopByHop", "IDEMPOTENT"]
@@ -223,9 +222,6 @@ class ProxyCall:
             self._timer.cancel()
             self._timer = None
         conn.startRequest(self, b"".join(head), self._isHead)
-        if not exchange.hasBody:
-            # The request is complete: send it now, so the upstream works while we finish this turn.
-            flushOut(conn)
         if self._chunkedUp:
             # Take it back out so a retry on a fresh connection does not add it twice.
             headers.remove(b"transfer-encoding")

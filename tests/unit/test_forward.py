@@ -598,31 +598,3 @@ class AbortTests(ForwardTestCase):
         conn.dataReceived(b"HTTP/1.1 503 Unavailable\r\nContent-Length: 0\r\n\r\n")
         self.assertStatus(503)
         self.assertEqual(self.health.events, ["fail"])
-
-
-class EarlySendTests(ForwardTestCase):
-    """A request without a body goes to the upstream when its head is written, not at the end of the turn."""
-
-    def test_aBodylessRequestLeavesBeforeTheTurnEnds(self) -> None:
-        from ksproxy.http.writes import outbox
-
-        from .test_writethrough import FakeSocket
-
-        self.get()
-        conn, wire = self.pool.accept()  # the connect completes: the request head is written to it
-        sock = FakeSocket()
-        # A pooled connection on a plain socket, as in production: its writes are queued for the turn's end.
-        wire.reactor = self.clock  # type: ignore[attr-defined]
-        wire.dataBuffer, wire._tempDataLen, wire._writeDisconnected = b"", 0, False  # type: ignore[attr-defined]
-        wire.connected = True
-        conn._sock = sock  # type: ignore[assignment]
-        conn.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-        self.assertTrue(self.answered().endswith(b"\r\n\r\nok"))
-        try:
-            self.get()  # reuses the pooled connection
-        finally:
-            while conn in outbox.owners:
-                outbox.owners.remove(conn)
-        self.assertEqual(len(sock.sent), 1)
-        self.assertTrue(sock.sent[0].startswith(b"GET /x HTTP/1.1\r\n"))
-        self.assertEqual(conn._out, [])
