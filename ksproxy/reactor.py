@@ -11,8 +11,8 @@ else, including the "log and disconnect" handling of an exception from applicati
 
 Its TCP ports accept connections as L{Server}, which closes without the writability round trip: Twisted's
 C{loseConnection} with an empty write buffer still unregisters for reading, registers for writing, waits for
-the next poll, writes nothing, unregisters again and calls C{shutdown} before C{close} (seven system calls
-and a reactor turn per closed connection, a third of the CPU of a C{Connection: close} request).
+the next poll, writes nothing and unregisters again before its C{shutdown} and C{close} (six system calls and
+a reactor turn per closed connection).
 
 Installed by C{ksproxy run} on Linux, by C{twistd --reactor=ksproxy ...} (the plugin in
 C{twisted/plugins/ksproxy_reactor.py}), or by calling L{install} before anything imports the global reactor.
@@ -50,7 +50,7 @@ class Server(tcp.Server):
     """
     An accepted TCP connection whose C{loseConnection}, when nothing is buffered, closes at the end of the
     current reactor turn without waiting for writability: what Twisted's C{doWrite} would do one turn later
-    with an empty buffer, minus the epoll registrations, the empty C{send} and the C{shutdown}.
+    with an empty buffer, minus the epoll registrations and the empty C{send}.
 
     Anything that makes the close not clean falls back to Twisted's path at the end of the turn: bytes
     written after C{loseConnection} (they are flushed first), a producer registered since (it is resumed
@@ -122,10 +122,10 @@ class Server(tcp.Server):
             self.startWriting()
             return
         # Closing the descriptor removes it from the epoll set: only the reactor's bookkeeping needs updating.
-        # (Accepted sockets are close-on-exec and never duplicated, so close() alone sends the FIN; Twisted's
-        # own comment on _closeSocket calls its shutdown() unnecessary.)
+        # Twisted's shutdown() before close() stays: when the client's bytes were not all read (a body we
+        # answered without reading), close() alone sends only a reset, and the client sees ECONNRESET instead
+        # of the end of the response; with shutdown() first it sees the FIN before the reset.
         self.reactor._forgetDescriptor(self)
-        self._shouldShutdown = False
         self.connectionLost(_CONNECTION_DONE)
 
 

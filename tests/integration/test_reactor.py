@@ -360,6 +360,48 @@ class FastCloseTests(TestCase):
         self.assertEqual(len(record["lost"]), 1)
         self.assertTrue(record["lost"][0].check(ConnectionDone))
 
+    @defer.inlineCallbacks
+    def test_anUnreadBodyStillEndsWithTheEndOfTheStream(self):  # type: ignore[no-untyped-def]
+        """
+        Answered and closed before the client's body was read: the client reads the answer and then the end of
+        the stream (shutdown() before close(), as Twisted does), not a bare reset that can cost it the answer.
+        """
+        import threading
+
+        from twisted.internet import reactor, threads
+
+        closed = threading.Event()
+
+        def answer(proto, data):  # type: ignore[no-untyped-def]
+            proto.transport.socket.send(b"answer")
+            proto.transport.loseConnection()
+
+        record = self.serve(answer)
+        port = record["port"]
+
+        def client():  # type: ignore[no-untyped-def]
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+                sock.sendall(b"x" * 300_000)  # far more than one read: most of it is never read
+                assert closed.wait(5), "the server never closed"
+                got, end = b"", None
+                try:
+                    while True:
+                        chunk = sock.recv(65536)
+                        if not chunk:
+                            end = "EOF"
+                            break
+                        got += chunk
+                except ConnectionResetError:
+                    end = "reset"
+                return got, end
+
+        lost = record["lost"]
+        watcher = threads.deferToThread(client)
+        yield _until(reactor, lambda: lost)
+        closed.set()
+        got, end = yield watcher
+        self.assertEqual((got, end), (b"answer", "EOF"))
+
     def test_adoptedPortsAcceptFastClosingConnections(self) -> None:
         """`--workers` hands the listening socket to its workers: adopted ports get the same transport."""
         from twisted.internet import reactor
@@ -374,6 +416,19 @@ class FastCloseTests(TestCase):
         port = reactor.adoptStreamPort(listener.fileno(), socket.AF_INET, protocol.Factory.forProtocol(protocol.Protocol))
         self.addCleanup(port.stopListening)
         self.assertIs(port.transport, Server)
+
+
+@defer.inlineCallbacks
+def _until(reactor, condition, timeout: float = 5.0):  # type: ignore[no-untyped-def]
+    """Turn the reactor until C{condition()} holds (or fail after C{timeout} seconds)."""
+    from twisted.internet import task
+
+    waited = 0.0
+    while not condition():
+        if waited > timeout:
+            raise AssertionError("condition not met in time")
+        yield task.deferLater(reactor, 0.01, lambda: None)
+        waited += 0.01
 
 
 def _turns(reactor, n: int) -> defer.Deferred:  # type: ignore[no-untyped-def]

@@ -598,3 +598,37 @@ class AbortTests(ForwardTestCase):
         conn.dataReceived(b"HTTP/1.1 503 Unavailable\r\nContent-Length: 0\r\n\r\n")
         self.assertStatus(503)
         self.assertEqual(self.health.events, ["fail"])
+
+
+class CancelledBeforeSentTests(ForwardTestCase):
+    """
+    A request whose read ends in bytes the parser rejects is answered 400 and cancelled: it must not reach the
+    upstream either, even on a pooled connection that takes it at once (the upstream would run a request the
+    client was told failed, and the client would retry it).
+    """
+
+    def test_aRequestFollowedByGarbageNeverLeaves(self) -> None:
+        from ksproxy.http.writes import outbox
+
+        from .test_writethrough import FakeSocket
+
+        self.get()
+        conn, wire = self.pool.accept()
+        sock = FakeSocket()
+        # A pooled connection on a plain socket, as in production: its writes are queued for the turn's end.
+        wire.reactor = self.clock  # type: ignore[attr-defined]
+        wire.dataBuffer, wire._tempDataLen, wire._writeDisconnected = b"", 0, False  # type: ignore[attr-defined]
+        wire.connected = True
+        conn._sock = sock  # type: ignore[assignment]
+        conn.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        self.assertEqual(self.pool.idleCount(), 1)
+        client = self.connectClient()
+        try:
+            self.send(b"DELETE /x/item HTTP/1.1\r\nHost: gw\r\n\r\nGARBAGE \x01\r\n\r\n", client)
+            outbox.flush()  # the end of the turn
+        finally:
+            while conn in outbox.owners:
+                outbox.owners.remove(conn)
+        self.assertStatus(400, client)
+        self.assertEqual(sock.sent, [])
+        self.assertEqual(wire.value().count(b"DELETE"), 0)
