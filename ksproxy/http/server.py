@@ -23,7 +23,7 @@ from typing import Protocol as TypingProtocol
 
 import attrs
 import httptools
-from twisted.internet.interfaces import IPushProducer
+from twisted.internet.interfaces import IProtocolNegotiationFactory, IPushProducer
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -925,9 +925,14 @@ def _describe(error: Exception) -> str:
     return text.rstrip(".")
 
 
+@implementer(IProtocolNegotiationFactory)
 class HTTPServerFactory(Factory):
     """
     Builds L{HTTPServerProtocol}s for one listener and tracks open connections for graceful shutdown.
+
+    It names the protocols it speaks for ALPN: behind Twisted's own C{ssl:} endpoint, whose ALPN callback
+    (Twisted 26) answers a client that offers ALPN with an internal-error alert when the server names none,
+    which is every browser and curl.
 
     @ivar accessLog: called with each finished exchange (and whether it was aborted).
     """
@@ -951,6 +956,11 @@ class HTTPServerFactory(Factory):
         # New connections in arrival order, and one timer for the oldest one's deadline (L{_arrived}).
         self._arrivals: Dict[HTTPServerProtocol, None] = {}
         self._arrivalTimer = None
+
+    def acceptableProtocols(self) -> List[bytes]:
+        from ..tls.server import DEFAULT_ALPN
+
+        return list(DEFAULT_ALPN)
 
     @property
     def _timerSpan(self) -> float:

@@ -184,6 +184,24 @@ class TerminationTests(TestCase):
         self.assertEqual(c.sock.selected_alpn_protocol(), "http/1.1")
 
     @defer.inlineCallbacks
+    def test_twistedsOwnSSLEndpointSpeaksALPN(self):  # type: ignore[no-untyped-def]
+        """
+        `--listen ssl:...` (Twisted's endpoint, as the README shows): a client that offers ALPN, as every browser
+        and curl does, completes its handshake (Twisted 26 answers it with an internal-error alert when the
+        factory names no protocol) and gets a protocol the server speaks.
+        """
+        certFile, keyFile = (os.path.join(self.dir, name) for name in ("a.crt", "a.key"))
+        endpoint = serverFromString(reactor, f"ssl:0:interface=127.0.0.1:privateKey={keyFile}:certKey={certFile}")
+        port = yield endpoint.listen(HTTPServerFactory(_Info(), reactor))
+        self.addCleanup(port.stopListening)
+        self.portNumber = port.getHost().port
+        for offered, chosen in ((["h2", "http/1.1"], "h2"), (["http/1.1"], "http/1.1")):
+            c = yield self.client("a.example.test", alpn=offered)
+            self.assertEqual(c.sock.selected_alpn_protocol(), chosen)
+        response = yield threads.deferToThread(c.get, "/alpn")
+        self.assertIn(b"secure=1 path=/alpn", response)
+
+    @defer.inlineCallbacks
     def test_reloadKeepsConnections(self):  # type: ignore[no-untyped-def]
         self.portNumber = yield self.listen()
         old = yield self.client("a.example.test")
