@@ -149,7 +149,20 @@ def _context(key: Any, chain: Sequence[x509.Certificate], alpn: Sequence[bytes])
         raiseMinimumTo=TLSVersion.TLSv1_2,
         acceptableProtocols=list(alpn) or None,
     )
-    return options.getContext()
+    context = options.getContext()
+    # Our own ALPN choice, from this listener's list only. Twisted's callback also takes the server factory's
+    # protocols (HTTPServerFactory names h2 and http/1.1 for Twisted's own ssl: endpoint), which would bring
+    # h2 back where the operator configured alpn=http/1.1; and it answers "no overlap" with an alert.
+    preferred = tuple(alpn)
+
+    def select(connection: SSL.Connection, offered: List[bytes]) -> Any:
+        for protocol in preferred:
+            if protocol in offered:
+                return protocol
+        return SSL.NO_OVERLAPPING_PROTOCOLS
+
+    context.set_alpn_select_callback(select)
+    return context
 
 
 def _readFile(path: str) -> bytes:
