@@ -77,6 +77,10 @@ class ReadPausable(TypingProtocol):
     def resumeReading(self) -> None: ...
 
 
+class _LastRequest(Exception):
+    """The request just read was the connection's last (C{Connection: close}, HTTP/1.0): read no further."""
+
+
 class _BadRequest(Exception):
     def __init__(self, code: int, message: str) -> None:
         super().__init__(message)
@@ -413,6 +417,7 @@ class HTTPServerProtocol(BatchedWriter, Protocol):
     _pauses = 0
     _congested = False
     _closing = False
+    _lastRead = False  # the last request (Connection: close, HTTP/1.0) is read: nothing after it is
     _tunnelled: Optional[Exchange] = None
     # One timer per connection for both the keep-alive and the header timeout (see L{_ensureTimer}).
     _timer = None
@@ -562,7 +567,7 @@ class HTTPServerProtocol(BatchedWriter, Protocol):
             if receive is not None:
                 receive(data)
             return
-        if self._closing and self._parsing is None and self._current is None:
+        if self._lastRead or self._closing and self._parsing is None and self._current is None:
             return
         try:
             self._parser.feed_data(data)
@@ -594,7 +599,9 @@ class HTTPServerProtocol(BatchedWriter, Protocol):
             self._reject(bad.code, bad.message)
         except httptools.HttpParserCallbackError as e:
             cause = e.__context__
-            if isinstance(cause, _BadRequest):
+            if isinstance(cause, _LastRequest):
+                pass
+            elif isinstance(cause, _BadRequest):
                 self._reject(cause.code, cause.message)
             else:
                 log.failure("request handler failed", Failure(cause) if cause else None)
@@ -758,6 +765,11 @@ class HTTPServerProtocol(BatchedWriter, Protocol):
         self._parsing = None
         if exchange is not None and not exchange.upgrade:
             exchange._bodyEnd()
+            if not exchange.keepAlive:
+                # What the client sends after its last request is not read (llhttp would call it malformed
+                # and the answer to the last request would become a 400): the connection closes after it.
+                self._lastRead = True
+                raise _LastRequest()
 
     def _dispatch(self, exchange: Exchange) -> None:
         try:

@@ -68,6 +68,17 @@ class EngineTests(TestCase):
         self.assertEqual(data.count(b"HTTP/1.1 200"), 2, data)
         self.assertLess(data.index(b"GET /1"), data.index(b"GET /2"))
 
+    async def test_bytesAfterTheLastRequestAreNotRead(self) -> None:
+        """After `Connection: close` (or an HTTP/1.0 request) the answer comes, then the close; what follows is
+        not parsed (it used to turn the answer into a 400 and cancel the request)."""
+        for last in (b"GET /1 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", b"GET /1 HTTP/1.0\r\n\r\n"):
+            for after in (b"GET /2 HTTP/1.1\r\nHost: x\r\n\r\n", b"GARBAGE \x01\r\n\r\n"):
+                data = await rawRequest(self.port, last + after)
+                self.assertTrue(data.startswith(b"HTTP/1.1 200"), (last, after, data))
+                self.assertEqual(data.count(b"HTTP/1.1 "), 1, data)
+                self.assertIn(b"upstream GET /1", data)
+        self.assertEqual({r.uri for r in self.upstream.requests}, {b"/1"})
+
     async def test_smuggling(self) -> None:
         data = await rawRequest(
             self.port,
