@@ -228,10 +228,10 @@ class ProxyCall:
         self._armTimer(self.timeouts.responseHeader)
         if exchange.congestedByClient:
             self.pauseReading()
-        if exchange.upgrade:
-            exchange.discardBody() if not exchange.hasBody else exchange.setBodyConsumer(self)
-        elif exchange.hasBody:
+        if exchange.hasBody:
             exchange.setBodyConsumer(self)
+        # (An upgrade request without a body: what the client sent after its head belongs to the tunnel and is
+        # held by the exchange until the 101, which hands it over.)
 
     # -- request body (BodyConsumer) ------------------------------------------------------------------------
 

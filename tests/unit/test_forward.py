@@ -467,6 +467,23 @@ class TunnelTests(ForwardTestCase):
         # Longer than the plain idle limit is fine for a tunnel.
         self.assertGreater(T.tunnelIdle, T.idle)
 
+    def test_bytesRightBehindTheUpgradeRequestReachTheTunnel(self) -> None:
+        """A client may send its first frames without waiting for the 101: they go through once it comes."""
+        for pooled in (False, True):
+            if pooled:  # a warm pool: the request is attached while the same read is being parsed
+                self.get()
+                conn, up = self.pool.accept()
+                conn.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+            client = self.connectClient()
+            self.send(b"GET /ws HTTP/1.1\r\nHost: gw\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\nEARLY", client)
+            if not pooled:
+                conn, up = self.pool.accept()
+            up.clear()
+            conn.dataReceived(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
+            self.assertStatus(101, client)
+            self.send(b"LATE", client)
+            self.assertEqual(up.value(), b"EARLYLATE", pooled)
+
     def test_silentTunnelIsClosed(self) -> None:
         self.start()
         self.clock.advance(T.tunnelIdle - EPS)
