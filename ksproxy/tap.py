@@ -16,6 +16,7 @@ from typing import Callable, Optional
 from twisted.application import service, strports
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import defer, task
+from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 from twisted.python import usage
 
@@ -265,6 +266,19 @@ class GatewayService(SequentialMultiService):
             parent.setComponent(ILogObserver, jsonLogObserver())
         super().setServiceParent(parent)
 
+    def privilegedStartService(self) -> None:
+        # twistd binds the listeners here, before logging starts: a port in use is an operator's mistake that
+        # deserves one line naming the address, not twistd's traceback.
+        try:
+            super().privilegedStartService()
+        except CannotListenError as e:
+            raise SystemExit(_cannotListen(e)) from None
+
+
+def _cannotListen(e: CannotListenError) -> str:
+    reason = getattr(e.socketError, "strerror", None) or e.socketError
+    return f"ksproxy: cannot listen on {e.interface or '*'}:{e.port}: {reason}"
+
 
 class _Cleanup(service.Service):
     """At the very end of a stop: health checkers, bundle fetches and idle upstream connections."""
@@ -306,7 +320,9 @@ def makeRunService(config: RunOptions, reactor) -> service.MultiService:
         # Grace for the workers: their own drain, plus a little to exit.
         try:
             listening = [bindListening(endpoint) for endpoint in config["listen"]]
-        except (OSError, ValueError) as e:
+        except CannotListenError as e:
+            raise SystemExit(_cannotListen(e)) from None
+        except ValueError as e:
             raise SystemExit(f"ksproxy: cannot listen: {e}") from None
         Supervisor(
             reactor, workerArgv(config.argv), config["workers"], config["drain-grace"] + 5, listening

@@ -20,6 +20,7 @@ from typing import Dict, List, Optional
 from twisted.application import service
 from twisted.internet import defer, protocol
 from twisted.internet.endpoints import AdoptedStreamServerEndpoint
+from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 
 __all__ = ["Supervisor", "bindListening", "inheritedEndpoint", "workerArgv", "packageRoot", "LISTEN_FDS"]
@@ -33,7 +34,10 @@ log = Logger()
 
 
 def bindListening(description: str) -> socket.socket:
-    """Bind C{tcp:PORT[:interface=ADDR][:backlog=N]} for the workers to share; ValueError for anything else."""
+    """
+    Bind C{tcp:PORT[:interface=ADDR][:backlog=N]} for the workers to share: L{CannotListenError} (as Twisted's
+    own listeners raise it) when the address is taken, ValueError for anything else.
+    """
     parts = description.split(":")
     if parts[0] != "tcp":
         raise ValueError(f"--workers supports tcp: listeners only, not {description!r}")
@@ -47,8 +51,12 @@ def bindListening(description: str) -> socket.socket:
     family = socket.AF_INET6 if ":" in interface else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((interface or ("::" if family == socket.AF_INET6 else "0.0.0.0"), port))
-    sock.listen(backlog)
+    try:
+        sock.bind((interface or ("::" if family == socket.AF_INET6 else "0.0.0.0"), port))
+        sock.listen(backlog)
+    except OSError as e:
+        sock.close()
+        raise CannotListenError(interface, port, e) from None
     sock.setblocking(False)
     return sock
 

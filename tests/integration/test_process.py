@@ -99,6 +99,27 @@ def test_twistdForeground(demoUpstream) -> None:  # type: ignore[no-untyped-def]
             proc.kill()
 
 
+@pytest.mark.parametrize("workers", [[], ["--workers", "2"]], ids=["single", "workers"])
+def test_portInUseIsOneLineNotATraceback(workers) -> None:  # type: ignore[no-untyped-def]
+    held = socket.socket()
+    held.bind(("127.0.0.1", 0))
+    held.listen(1)
+    port = held.getsockname()[1]
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "ksproxy.cli", "run", "--listen", f"tcp:{port}:interface=127.0.0.1",
+             "--admin-listen", "none", "--source", f"dir:{EXAMPLES}", *workers],
+            cwd=ROOT, capture_output=True, text=True, timeout=60,
+        )
+    finally:
+        held.close()
+    # twistd -n sends what is written to stderr after logging starts through its log, on stdout.
+    output = result.stdout + result.stderr
+    assert result.returncode == 1
+    assert f"ksproxy: cannot listen on 127.0.0.1:{port}: Address already in use" in output
+    assert "Traceback" not in output
+
+
 def test_workersShareThePortAndRestart(demoUpstream) -> None:  # type: ignore[no-untyped-def]
     port, admin = _freePort(), _freePort()
     proc = _start(
