@@ -267,8 +267,8 @@ class GatewayService(SequentialMultiService):
         super().setServiceParent(parent)
 
     def privilegedStartService(self) -> None:
-        # twistd binds the listeners here, before logging starts: a port in use is an operator's mistake that
-        # deserves one line naming the address, not twistd's traceback.
+        # twistd binds the listeners (proxy and admin) here, before the reactor runs: a port in use is an
+        # operator's mistake that deserves one line naming the address, not twistd's traceback.
         try:
             super().privilegedStartService()
         except CannotListenError as e:

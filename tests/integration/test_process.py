@@ -99,16 +99,19 @@ def test_twistdForeground(demoUpstream) -> None:  # type: ignore[no-untyped-def]
             proc.kill()
 
 
-@pytest.mark.parametrize("workers", [[], ["--workers", "2"]], ids=["single", "workers"])
-def test_portInUseIsOneLineNotATraceback(workers) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("taken", ["listen", "admin", "workers"])
+def test_portInUseIsOneLineNotATraceback(taken) -> None:  # type: ignore[no-untyped-def]
     held = socket.socket()
     held.bind(("127.0.0.1", 0))
     held.listen(1)
     port = held.getsockname()[1]
+    listen = f"tcp:{port if taken != 'admin' else _freePort()}:interface=127.0.0.1"
+    admin = f"tcp:{port}:interface=127.0.0.1" if taken == "admin" else "none"
+    workers = ["--workers", "2"] if taken == "workers" else []
     try:
         result = subprocess.run(
-            [sys.executable, "-m", "ksproxy.cli", "run", "--listen", f"tcp:{port}:interface=127.0.0.1",
-             "--admin-listen", "none", "--source", f"dir:{EXAMPLES}", *workers],
+            [sys.executable, "-m", "ksproxy.cli", "run", "--listen", listen, "--admin-listen", admin,
+             "--source", f"dir:{EXAMPLES}", *workers],
             cwd=ROOT, capture_output=True, text=True, timeout=60,
         )
     finally:
