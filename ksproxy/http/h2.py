@@ -145,6 +145,7 @@ class H2Exchange(Exchange):
             if self.onClientGone is not None:
                 self.onClientGone()
             self.h2.owner.factory._logExchange(self, aborted=True)
+            self._unlink()
 
     # -- response side (frames) ------------------------------------------------------------------------------
 
@@ -193,6 +194,7 @@ class H2Exchange(Exchange):
                 self.stream.unregisterProducer()
             self.stream.requestDone(None)
         self.h2.owner.factory._logExchange(self, aborted=False)
+        self._unlink()
 
     def abort(self) -> None:
         if self._finished:
@@ -203,6 +205,7 @@ class H2Exchange(Exchange):
                 self.stream.unregisterProducer()
             self.stream.abortConnection()  # RST_STREAM: the client sees the response incomplete
         self.h2.owner.factory._logExchange(self, aborted=True)
+        self._unlink()
 
     def startTunnel(self, receive) -> None:  # type: ignore[no-untyped-def]
         raise RuntimeError("upgrades are not carried over HTTP/2")

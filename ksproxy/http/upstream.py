@@ -91,7 +91,9 @@ class UpstreamConnection(BatchedWriter, Protocol):
         self.sink: Optional[IResponseSink] = None
         self.requests = 0  # requests carried, for the stale-connection retry rule
         self.connected = False
-        self._parser = httptools.HttpResponseParser(self)
+        # Made when the connection is, dropped when it is lost: it holds our bound callbacks, and the pair must
+        # go by reference counting (tests/integration/test_cycles.py), also when the connection never happens.
+        self._parser: Optional[httptools.HttpResponseParser] = None
         self._headers: List[List[bytes]] = []  # Headers items: [lowerName, name, value]
         self._reason = b""
         self._headBytes = 0  # trailers
@@ -119,6 +121,7 @@ class UpstreamConnection(BatchedWriter, Protocol):
 
     def connectionMade(self) -> None:
         self.connected = True
+        self._parser = httptools.HttpResponseParser(self)
         self.transport.registerProducer(self, True)
         self._sock = directSocket(self.transport)
         noDelay(self.transport)
@@ -126,6 +129,7 @@ class UpstreamConnection(BatchedWriter, Protocol):
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self.connected = False
         self._out = []
+        self._parser = None
         self.cancelTimer()
         self.lostReason = reason
         self.pool._lost(self)
@@ -428,10 +432,13 @@ class _OneShotFactory(Factory):
     noisy = False
 
     def __init__(self, protocol: UpstreamConnection) -> None:
-        self._protocol = protocol
+        self.protocol: Optional[UpstreamConnection] = protocol  # type: ignore[assignment]
 
-    def buildProtocol(self, addr: object) -> UpstreamConnection:
-        return self._protocol
+    def buildProtocol(self, addr: object) -> Optional[UpstreamConnection]:
+        # Handed over, not kept (nor kept after a failed attempt): Twisted's connector and endpoint factory
+        # refer to each other, and that cycle outlives the connection; it must not hold the connection too.
+        protocol, self.protocol = self.protocol, None
+        return protocol
 
 
 class UpstreamPool:
@@ -481,11 +488,13 @@ class UpstreamPool:
             ep = self._endpoints[key] = self._clientEndpoint(endpoint)
         if self.onConnect is not None:
             self.onConnect(endpoint)
-        d = ep.connect(_OneShotFactory(conn))
+        factory = _OneShotFactory(conn)
+        d = ep.connect(factory)
         self.active += 1
 
         def failed(f: Failure) -> Failure:
             self.active -= 1
+            factory.protocol = None
             return f
 
         d.addErrback(failed)

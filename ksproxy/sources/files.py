@@ -198,19 +198,23 @@ def _walk(root: str) -> Tuple[Dict[str, Signature], List[SourceError], List[str]
     errors: List[SourceError] = []
     failed: List[str] = []
     seen: Set[Tuple[int, int]] = set()
-
-    def visit(directory: str) -> None:
+    # Depth first, in name order, with a stack rather than a recursive closure (which would be a reference
+    # cycle left behind by every poll).
+    pending = [root]
+    while pending:
+        directory = pending.pop()
         try:
             st = os.stat(directory)
             if (st.st_dev, st.st_ino) in seen:
-                return  # a symlink loop
+                continue  # a symlink loop
             seen.add((st.st_dev, st.st_ino))
             with os.scandir(directory) as it:
                 entries = list(it)
         except OSError as e:
             errors.append(SourceError(directory, f"{directory}: cannot read directory: {e.strerror or e}"))
             failed.append(directory)
-            return
+            continue
+        subdirectories = []
         for entry in sorted(entries, key=lambda e: e.name):
             if ignoredName(entry.name):
                 continue
@@ -220,11 +224,10 @@ def _walk(root: str) -> Tuple[Dict[str, Signature], List[SourceError], List[str]
             except OSError:
                 continue  # vanished, or a dangling link
             if statModule.S_ISDIR(st.st_mode):
-                visit(path)
+                subdirectories.append(path)
             elif statModule.S_ISREG(st.st_mode) and entry.name.lower().endswith(EXTENSIONS):
                 found[path] = _signature(st)
-
-    visit(root)
+        pending.extend(reversed(subdirectories))
     return found, errors, failed
 
 
