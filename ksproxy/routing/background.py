@@ -7,16 +7,23 @@ that it disturbs requests in flight as little as possible:
   - The switch interval is lowered (5 ms -> 0.5 ms by default): a thread that wants the lock waits up to one
     interval for the running thread to let go, so while a build runs, every reactor wake-up (each request)
     could otherwise wait up to 5 ms.
-  - Automatic garbage collection is paused, and what was allocated meanwhile is moved to the oldest
-    generation at the end (C{gc.freeze()} then C{gc.unfreeze()}, both constant time).  A build allocates
+  - Automatic garbage collection is paused while the window is open, and at its end everything alive is
+    frozen (C{gc.freeze()}, constant time): moved out of the collector's sight for good.  A build allocates
     hundreds of thousands of long-lived objects; left alone, the collector would walk them again and again
-    (a third of the build's time), and the full collections they trigger hold the lock for 100 ms or more
-    with a large table, on whichever thread happens to allocate (often the reactor).  Nothing is leaked:
-    reference counting still frees everything as usual, and cycles are found by the next full collection.
+    (a third of the build's time), and each full collection walks the whole heap (about 100 ms with two
+    10,000-resource tables, on whichever thread allocates, often the reactor, holding the lock throughout).
+    Frozen, the route table costs the collector nothing; a replaced table is still freed, by reference
+    counting (L{release}), because tables, reports and inventories hold no reference cycles.
 
-Windows may overlap (the file watcher and the compile thread); the settings are restored when the last one
-ends.  A process that froze objects itself (C{gc.get_freeze_count()}) keeps them frozen: then the young
-objects are left where they are.
+    What the collector cannot see it cannot collect either: a cycle that was alive at a freeze and dies later
+    stays.  Requests and connections leave no cycles (tests/integration/test_cycles.py), but Twisted, the
+    Kubernetes client or a plugin may.  So the frozen heap is swept (unfrozen, fully collected, frozen again)
+    when, after a replaced table has been released, it has grown by more than a quarter since the last
+    sweep: Python's own rule for full collections, so never more often than the collector would have walked
+    it anyway; with tables of a steady size, not at all.  The first release (at start-up) sweeps.
+
+Parsing a large JSON manifest (a file, or a list from the Kubernetes API) is one C call that holds the lock
+for tens of milliseconds; L{loadJSON} makes a Python call per object, so the reactor gets its turns.
 
 Freeing the table, inventory and report that a build replaced is also work: dropping the last reference to a
 10,000-object table frees its 100,000-odd objects in one C-level cascade that holds the lock for 10 ms or
@@ -27,13 +34,14 @@ thread), so the lock changes hands in between.
 from __future__ import annotations
 
 import gc
+import json
 import sys
 import threading
 from contextlib import contextmanager
 from types import MappingProxyType
-from typing import Any, Iterator, List, Optional
+from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 
-__all__ = ["buildWindow", "SWITCH_INTERVAL", "active", "release", "releaseInWindow"]
+__all__ = ["buildWindow", "SWITCH_INTERVAL", "SWEEP_GROWTH", "active", "loadJSON", "release", "releaseInWindow"]
 
 # Seconds; what sys.setswitchinterval is set to while a build runs.
 SWITCH_INTERVAL = 0.0005
@@ -42,6 +50,11 @@ _lock = threading.Lock()
 _depth = 0
 _savedInterval: Optional[float] = None
 _gcWasEnabled = False
+# Sweep the frozen heap once it is this many times what it was after the last sweep (see the docstring).
+SWEEP_GROWTH = 1.25
+_frozenAfterSweep = 0
+sweeps = 0  # for /metrics
+_sweepDue = False  # a replaced table was released in an open window: check the growth when the last ends
 
 
 def active() -> bool:
@@ -64,7 +77,7 @@ def _enter(switchInterval: Optional[float]) -> None:
 
 
 def _exit() -> None:
-    global _depth, _savedInterval
+    global _depth, _savedInterval, _sweepDue, _frozenAfterSweep, sweeps
     with _lock:
         _depth -= 1
         if _depth > 0:
@@ -73,10 +86,24 @@ def _exit() -> None:
             sys.setswitchinterval(_savedInterval)
             _savedInterval = None
         if _gcWasEnabled:
-            if gc.get_freeze_count() == 0:
-                gc.freeze()
+            gc.freeze()
+            if _sweepDue and gc.get_freeze_count() > _frozenAfterSweep * SWEEP_GROWTH:
                 gc.unfreeze()
+                gc.collect()
+                gc.freeze()
+                _frozenAfterSweep = gc.get_freeze_count()
+                sweeps += 1
             gc.enable()
+        _sweepDue = False
+
+
+def _jsonObject(pairs: List[Tuple[str, Any]]) -> Dict[str, Any]:
+    return dict(pairs)
+
+
+def loadJSON(text: Union[str, bytes]) -> Any:
+    """C{json.loads} for manifests and lists, letting the reactor in between objects (see above)."""
+    return json.loads(text, object_pairs_hook=_jsonObject)
 
 
 @contextmanager
@@ -146,6 +173,11 @@ def release(box: List[Any]) -> int:
 
 
 def releaseInWindow(box: List[Any]) -> int:
-    """L{release} inside a L{buildWindow}: for a thread pool job."""
+    """L{release} inside a L{buildWindow}: for a thread pool job.  The frozen heap is swept afterwards if it
+    has grown (see the module docstring)."""
+    global _sweepDue
     with buildWindow():
-        return release(box)
+        steps = release(box)
+        with _lock:
+            _sweepDue = True
+        return steps

@@ -46,7 +46,7 @@ from twisted.python.failure import Failure
 from yaml.nodes import MappingNode, ScalarNode, SequenceNode
 
 from ksproxy.model.parse import ParseResult, parseResource
-from ksproxy.routing.background import buildWindow, releaseInWindow
+from ksproxy.routing.background import buildWindow, loadJSON, releaseInWindow
 from ksproxy.sources.inventory import (
     Inventory,
     ReplacePlan,
@@ -283,12 +283,6 @@ def _readBytes(path: str) -> Union[bytes, SourceError, None]:
         return SourceError(path, f"{path}: cannot read: {e.strerror or e}")
 
 
-def _jsonObject(pairs: List[Tuple[str, Any]]) -> Dict[str, Any]:
-    # A Python call per object: one json.loads of a large manifest otherwise holds the interpreter lock for
-    # tens of milliseconds in one C call, stalling every request meanwhile; a Python call lets the reactor in.
-    return dict(pairs)
-
-
 def _asJSON(text: str) -> Optional[List[Any]]:
     """
     The one document of a YAML file whose content is a JSON object (as C{kubectl get -o json} writes), read as
@@ -299,7 +293,7 @@ def _asJSON(text: str) -> Optional[List[Any]]:
     if not text.lstrip().startswith("{"):
         return None
     try:
-        value = json.loads(text, object_pairs_hook=_jsonObject)
+        value = loadJSON(text)
     except (ValueError, RecursionError):
         return None
     return [value] if isinstance(value, dict) else None
@@ -321,7 +315,7 @@ def parseData(path: str, data: bytes) -> Tuple[List[SourceDocument], List[Source
             objs: List[Any] = []
         else:
             try:
-                objs = [json.loads(text)]
+                objs = [loadJSON(text)]
             except json.JSONDecodeError as e:
                 return [], [SourceError(path, f"{path}:{e.lineno}: {e.msg}", e.lineno)]
             except RecursionError:

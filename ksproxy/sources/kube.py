@@ -31,6 +31,7 @@ from twisted.logger import Logger
 
 from ksproxy.kubeclient import loadConfiguration
 from ksproxy.model.types import GROUP, KIND_APISERVICE, KIND_JSBUNDLE, KIND_REVERSEPROXY, KINDS, VERSION
+from ksproxy.routing.background import loadJSON
 
 __all__ = ["KubeSource", "ObjectRef", "bundleReferences", "PLURALS"]
 
@@ -271,7 +272,7 @@ class _Watcher:
             read = True
         finally:
             self._close(response, read)
-        body = json.loads(data)
+        body = loadJSON(data)
         items = [self._complete(item) for item in body.get("items") or [] if isinstance(item, dict)]
         version = str(body["metadata"]["resourceVersion"])
         self._onList(items)

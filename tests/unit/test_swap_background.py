@@ -85,6 +85,71 @@ class _Item:
         self.payload = payload
 
 
+def _frozen(obj: Any) -> bool:
+    """Whether C{obj} is out of the collector's sight (C{gc.get_objects} lists the generations it walks)."""
+    return gc.is_tracked(obj) and not any(o is obj for o in gc.get_objects())
+
+
+def _cycle() -> weakref.ref[_Item]:
+    """A reference cycle that nothing else holds, made in a build window, so frozen when it ends."""
+    with buildWindow():
+        item = _Item(None)
+        item.payload = item
+    return weakref.ref(item)
+
+
+class FreezeTests(SynchronousTestCase):
+    """What lives at the end of a window is frozen; the frozen heap is swept after a release once it grew."""
+
+    def setUp(self) -> None:
+        self.gcEnabled = gc.isenabled()
+        self.addCleanup(lambda: gc.enable() if self.gcEnabled else gc.disable())
+        self.addCleanup(setattr, background, "_frozenAfterSweep", background._frozenAfterSweep)
+        self.addCleanup(gc.unfreeze)
+        gc.enable()
+
+    def test_frozenAtTheEnd(self) -> None:
+        with buildWindow():
+            built = _Item({"table": [1, 2]})
+            self.assertFalse(_frozen(built))
+        self.assertTrue(_frozen(built))
+        self.assertTrue(_frozen(built.payload))
+
+    def test_notFrozenWhenTheCollectorIsOff(self) -> None:
+        gc.disable()
+        with buildWindow():
+            built = _Item({})
+        self.assertFalse(_frozen(built))
+
+    def test_frozenCyclesWaitForASweep(self) -> None:
+        """A dead cycle that was frozen outlives full collections; a release that finds the frozen heap grown
+        by more than L{background.SWEEP_GROWTH} sweeps it."""
+        ref = _cycle()
+        gc.collect()
+        self.assertIsNotNone(ref())
+        background._frozenAfterSweep = gc.get_freeze_count()  # no growth since the "last sweep"
+        sweeps = background.sweeps
+        background.releaseInWindow([_Item(1)])
+        self.assertIsNotNone(ref(), "swept although the frozen heap did not grow")
+        self.assertEqual(background.sweeps, sweeps)
+
+        background._frozenAfterSweep = int(gc.get_freeze_count() / background.SWEEP_GROWTH) - 1
+        background.releaseInWindow([_Item(2)])
+        self.assertIsNone(ref())
+        self.assertEqual(background.sweeps, sweeps + 1)
+        # The mark moved to what the sweep left: no growth since, no sweep.
+        background.releaseInWindow([_Item(3)])
+        self.assertEqual(background.sweeps, sweeps + 1)
+
+    def test_onlyAReleaseSweeps(self) -> None:
+        """At the end of a build both tables are alive (twice the heap): that is no reason to sweep."""
+        ref = _cycle()
+        background._frozenAfterSweep = 1
+        with buildWindow():
+            pass
+        self.assertIsNotNone(ref())
+
+
 class ReleaseTests(SynchronousTestCase):
     def test_freesInSteps(self) -> None:
         items = [_Item({"n": i, "sub": [_Item(i)]}) for i in range(200)]

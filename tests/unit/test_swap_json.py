@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+from typing import Any, List
 
 import yaml
 
+from ksproxy.routing import background
 from ksproxy.sources.files import _Loader, parseData
 
 OBJ = {
@@ -37,3 +39,21 @@ def test_yamlThatLooksLikeJsonFallsBack() -> None:
     assert errors == [] and [d.raw["kind"] for d in docs] == ["A", "B"]
     docs, errors = parseData("/m/x.yaml", b'{"kind": "A",\n  "broken": [}\n')
     assert docs == [] and errors and errors[0].message.startswith("/m/x.yaml:")  # YAML's error, with its line
+
+
+def test_everyJsonManifestLetsTheReactorIn(monkeypatch: Any) -> None:
+    """A .json file and a .yaml file holding JSON are both read by L{loadJSON}: a Python call per object."""
+    calls: List[int] = []
+    real = background._jsonObject
+
+    def counting(pairs: Any) -> Any:
+        calls.append(1)
+        return real(pairs)
+
+    monkeypatch.setattr(background, "_jsonObject", counting)
+    text = json.dumps({"apiVersion": "v1", "kind": "List", "items": [OBJ, dict(OBJ, metadata={"name": "b"})]})
+    for name in ("/m/x.json", "/m/x.yaml"):
+        del calls[:]
+        docs, errors = parseData(name, text.encode())
+        assert errors == [] and len(docs) == 2
+        assert len(calls) >= 2 * 5, name  # items, their metadata, labels, spec, ...
