@@ -223,8 +223,14 @@ def _problems(
     return tuple(problems), rejected
 
 
+# New problems logged one line each per build; the rest in one line.  The log is written on the reactor: a
+# reload that rejects 10,000 resources at once would otherwise stall requests for 150 ms writing it.
+MAX_PROBLEM_LINES = 100
+
+
 def _logReport(report: BuildReport, logged: frozenset) -> frozenset:
-    """One summary line per build; each problem once, when it appears (not again on every rebuild)."""
+    """One summary line per build; each problem once, when it appears (not again on every rebuild), up to
+    L{MAX_PROBLEM_LINES} of them."""
     log.info(
         "route table generation {generation}: {count} resources served, {rejected} rejected, "
         "{conflicts} conflicts, built in {ms:.1f} ms",
@@ -234,9 +240,16 @@ def _logReport(report: BuildReport, logged: frozenset) -> frozenset:
         conflicts=len(report.compiled.conflicts),
         ms=report.seconds * 1000,
     )
-    for level, message in report.problems:
-        if message not in logged:
-            getattr(log, level)("{message}", message=message)
+    new = [(level, message) for level, message in report.problems if message not in logged]
+    for level, message in new[:MAX_PROBLEM_LINES]:
+        getattr(log, level)("{problem}", problem=message)
+    if len(new) > MAX_PROBLEM_LINES:
+        log.warn(
+            "... and {more} more new problems in route table generation {generation}, not logged one by one: "
+            "see /debug/routes, the resources' status, or `ksproxy check`",
+            more=len(new) - MAX_PROBLEM_LINES,
+            generation=report.generation,
+        )
     return frozenset(message for _, message in report.problems)
 
 

@@ -615,7 +615,7 @@ class FileSource(service.Service):
                 return
             messages = {e.message for e in delivery.errors}
             for message in sorted(messages - self._reported):
-                self._log.warn("{message}", message=message)
+                self._log.warn("{problem}", problem=message)
             self._reported = messages
             self._log.debug(
                 "{directory}: {count} documents, {errors} errors",

@@ -5,12 +5,15 @@ gateway's state in one assignment and tells the observers; servability follows S
 
 from __future__ import annotations
 
+from typing import List
+
 from twisted.internet.task import Clock
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from ksproxy.paths import parseTarget
 from ksproxy.proxy.dispatch import Gateway, ServedState
-from ksproxy.reconcile import Reconciler
+from ksproxy.reconcile import MAX_PROBLEM_LINES, Reconciler
 from ksproxy.routing import compileTable
 
 
@@ -48,6 +51,33 @@ class ReconcilerTests(SynchronousTestCase):
         self.assertEqual(self.gateway.state.generation, 1)
         route = self.gateway.state.table.lookup(b"GET", parseTarget(b"/r7/x"))
         self.assertEqual(route.name, "r7")
+
+    def test_problemsLoggedOnceAndBounded(self) -> None:
+        """Each new problem is logged once, at most MAX_PROBLEM_LINES lines per build, the rest summed up."""
+        events: List[dict] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        reconciler = self.make()
+
+        def broken(name: str, path: str) -> dict:  # type: ignore[type-arg]
+            obj = rp(name, path)
+            obj["spec"]["upstream"]["url"] = 1
+            return obj
+
+        for i in range(MAX_PROBLEM_LINES + 7):
+            reconciler.inventory.upsert(broken(f"bad{i}", f"/bad{i}/*"))
+        reconciler.rebuild()
+        lines = [formatEvent(e) for e in events if e.get("log_namespace") == "ksproxy.reconcile"]
+        rejected = [line for line in lines if line.startswith("rejected ReverseProxy/bad")]
+        self.assertEqual(len(rejected), MAX_PROBLEM_LINES)
+        self.assertIn("... and 7 more new problems in route table generation 1", lines[-1])
+
+        del events[:]
+        reconciler.inventory.upsert(broken("bad-new", "/bad-new/*"))
+        reconciler.rebuild()
+        lines = [formatEvent(e) for e in events if e.get("log_namespace") == "ksproxy.reconcile"]
+        self.assertEqual([line for line in lines if line.startswith("rejected")], [lines[-1]])
+        self.assertIn("ReverseProxy/bad-new", lines[-1])  # only the new one: the others were seen before
 
     def test_swapKeepsOldStateObjectIntact(self) -> None:
         """A request holding the old state keeps a consistent view: the swap replaces, never mutates."""
