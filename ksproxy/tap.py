@@ -51,6 +51,10 @@ def _seconds(value: str) -> float:
         raise usage.UsageError(str(e)) from None
 
 
+# Longer spins buy nothing (an answer that takes longer is better waited for asleep) and burn a core.
+MAX_BUSY_POLL = 0.005
+
+
 class RunOptions(AuthOptionsMixin, usage.Options):
     synopsis = "[options]"
     longdesc = "Serve the APIService, JSBundle and ReverseProxy resources of a source."
@@ -73,6 +77,12 @@ class RunOptions(AuthOptionsMixin, usage.Options):
         ["max-header-bytes", None, "65536", "Largest request header block (431 above)."],
         ["max-url-bytes", None, "16384", "Longest request target (414 above)."],
         ["log-format", None, "text", "text, or json (one JSON object per line)."],
+        [
+            "busy-poll",
+            None,
+            "100us",
+            "When idle, keep polling this long before sleeping (lower latency at light load, for some CPU); 0 = off.",
+        ],
         ["workers", None, "1", "Worker processes sharing the tcp: listeners; 1 = this process serves."],
         ["worker-index", None, None, "(internal) set by the supervisor on each worker process."],
     ]
@@ -123,8 +133,11 @@ class RunOptions(AuthOptionsMixin, usage.Options):
             "header-timeout",
             "keepalive-timeout",
             "drain-grace",
+            "busy-poll",
         ):
             self[name] = _seconds(self[name])
+        if not 0 <= self["busy-poll"] <= MAX_BUSY_POLL:
+            raise usage.UsageError(f"--busy-poll must be between 0 and {MAX_BUSY_POLL * 1000:g}ms")
         for name in ("max-header-bytes", "max-url-bytes", "workers"):
             try:
                 self[name] = int(self[name])
@@ -328,6 +341,8 @@ def makeRunService(config: RunOptions, reactor) -> service.MultiService:
             reactor, workerArgv(config.argv), config["workers"], config["drain-grace"] + 5, listening
         ).setServiceParent(top)
         return top
+    if hasattr(reactor, "busyPoll"):  # the supervisor above has no traffic to wait for
+        reactor.busyPoll = config["busy-poll"]
     pool = UpstreamPool(reactor, connectTimeout=config["connect-timeout"])
     outOfBand = OutOfBandClient(reactor)
     health = HealthRegistry(reactor, httpProbe(outOfBand))

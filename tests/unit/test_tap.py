@@ -27,6 +27,8 @@ class OptionsTests(SynchronousTestCase):
         self.assertEqual(run["admin-listen"], "tcp:9090:interface=127.0.0.1")
         self.assertEqual(run["drain-grace"], 25.0)
         self.assertEqual(run["idle-timeout"], 900.0)
+        self.assertAlmostEqual(run["busy-poll"], 0.0001)
+        self.assertEqual(parse("run", "--source", "dir:x", "--busy-poll", "0").subOptions["busy-poll"], 0.0)
 
     def test_usageLines(self) -> None:
         """`ksproxy run --help` reads "ksproxy run [options]", not the parent's synopsis followed by its own."""
@@ -50,6 +52,8 @@ class OptionsTests(SynchronousTestCase):
             (["run", "--source", "dir:x", "--workers", "2", "--listen", "unix:/tmp/s"], "tcp: listeners only"),
             (["run", "--source", "dir:x", "--default-upstream", "ftp://k"], "--default-upstream"),
             (["run", "--source", "dir:x", "--log-format", "xml"], "text or json"),
+            (["run", "--source", "dir:x", "--busy-poll", "1s"], "--busy-poll must be between 0 and 5ms"),
+            (["run", "--source", "dir:x", "--busy-poll", "-1us"], "--busy-poll must be between 0 and 5ms"),
             ([], "subcommand"),
         ]:
             with self.assertRaises(usage.UsageError) as caught:
