@@ -33,7 +33,7 @@ from twisted.logger import Logger
 from twisted.python import log
 from twisted.python.failure import Failure
 
-from .http.writes import outbox
+from .http.writes import awaitingReply, outbox
 
 __all__ = ["KsproxyReactor", "Server", "install"]
 
@@ -181,11 +181,11 @@ class KsproxyReactor(EPollReactor):
     L{EPollReactor} whose poll loop dispatches events without C{log.callWithLogger}, and which sends what
     protocols queued in L{ksproxy.http.writes.outbox} after each batch of I/O events and each round of timers
     (on other reactors the outbox schedules a C{callLater(0)} per turn instead).  With L{busyPoll} set, it
-    polls a little while before it sleeps.
+    polls a little while for an upstream's answer before it sleeps.
     """
 
     flushesOutbox = True
-    # Seconds to keep polling without sleeping when a turn finds nothing to do (L{_busyWait}); 0 turns it off.
+    # Seconds to keep polling without sleeping for an upstream's answer (L{_busyWait}); 0 turns it off.
     # C{ksproxy run --busy-poll} sets it.
     busyPoll = 0.0
 
@@ -244,7 +244,8 @@ class KsproxyReactor(EPollReactor):
         # As Twisted does: at most as many events as we track descriptors.
         n = len(self._selectables)
         try:
-            if self.busyPoll and timeout != 0:
+            if awaitingReply.soon and self.busyPoll and timeout != 0:
+                awaitingReply.soon = False
                 events = poll(0, n) or self._busyWait(timeout, n)
             else:
                 events = poll(timeout, n)
@@ -279,10 +280,12 @@ class KsproxyReactor(EPollReactor):
         """
         Poll without sleeping for up to L{busyPoll} seconds, then sleep in C{epoll_wait} as usual.
 
-        Most events come soon after the last turn: the upstream's answer to the request just sent, the
-        client's next request.  Caught by a spinning poll they cost no wake-up of a sleeping thread (on a VM,
-        tens of microseconds of the latency at light load); under load there is always an event and the
-        first poll returns at once, so the spin only ever runs when the process would otherwise be idle.
+        Called when a turn ends with nothing to do right after a request went upstream
+        (L{awaitingReply}): its answer usually comes within a few hundred microseconds, and caught by a
+        spinning poll it costs no wake-up of a sleeping thread (tens of microseconds of latency at light
+        load, on a VM).  Under load there is always an event and the first poll returns at once, so the
+        spin only runs when the process would otherwise sleep.  Not after other turns: the next client
+        request is not predictable, and spinning for it cost CPU for worse latency (bench/RESULTS.md).
         """
         poll = self._poller.poll
         spin = self.busyPoll if timeout < 0 else min(self.busyPoll, timeout)

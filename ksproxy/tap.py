@@ -51,7 +51,7 @@ def _seconds(value: str) -> float:
         raise usage.UsageError(str(e)) from None
 
 
-# Longer spins buy nothing (an answer that takes longer is better waited for asleep) and burn a core.
+# Longer spins buy little (an answer that takes longer is better waited for asleep) and burn a core.
 MAX_BUSY_POLL = 0.005
 
 
@@ -80,8 +80,8 @@ class RunOptions(AuthOptionsMixin, usage.Options):
         [
             "busy-poll",
             None,
-            "100us",
-            "When idle, keep polling this long before sleeping (lower latency at light load, for some CPU); 0 = off.",
+            "200us",
+            "After a request goes upstream, poll this long for the answer before sleeping (lower latency); 0 = off.",
         ],
         ["workers", None, "1", "Worker processes sharing the tcp: listeners; 1 = this process serves."],
         ["worker-index", None, None, "(internal) set by the supervisor on each worker process."],

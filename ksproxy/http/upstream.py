@@ -35,7 +35,7 @@ from zope.interface import implementer
 
 from ..model.types import Endpoint, TLSSettings
 from .headers import Headers
-from .writes import BatchedWriter, directSocket, flushOut, noDelay
+from .writes import BatchedWriter, awaitingReply, directSocket, flushOut, noDelay
 
 __all__ = ["IResponseSink", "UpstreamConnection", "UpstreamPool", "tlsCreator"]
 
@@ -151,6 +151,7 @@ class UpstreamConnection(BatchedWriter, Protocol):
         self._headRequest = isHead
         self._trailers = None
         # (The pool's idle timer stays: it finds the connection busy when it fires.)
+        awaitingReply.soon = True
         self._writeOut([head])
 
     def write(self, data: bytes) -> None:

@@ -16,7 +16,16 @@ from typing import Any, List, Optional
 from twisted.internet import tcp
 from twisted.logger import Logger
 
-__all__ = ["BatchedWriter", "directSocket", "flushOut", "noDelay", "outbox", "sendNow", "sendSequenceNow"]
+__all__ = [
+    "BatchedWriter",
+    "awaitingReply",
+    "directSocket",
+    "flushOut",
+    "noDelay",
+    "outbox",
+    "sendNow",
+    "sendSequenceNow",
+]
 
 _log = Logger()
 
@@ -138,6 +147,19 @@ class _Outbox:
 
 
 outbox = _Outbox()
+
+
+class _AwaitingReply:
+    """
+    Set (C{soon = True}) by whoever just sent a request whose answer is worth a short spin to catch: on
+    L{ksproxy.reactor.KsproxyReactor} with C{busyPoll}, the next poll that finds nothing keeps polling for a
+    moment instead of sleeping.  Elsewhere, nothing reads it.
+    """
+
+    soon = False
+
+
+awaitingReply = _AwaitingReply()
 
 
 def flushOut(owner: Any) -> None:

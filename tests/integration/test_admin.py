@@ -9,7 +9,6 @@ import json
 
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import defer, reactor
-from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
 from ksproxy.admin import adminSite
@@ -17,7 +16,7 @@ from ksproxy.metrics import install
 from ksproxy.tap import Options
 from tests.integration.faulty import ScriptedUpstream, answerOK
 from tests.integration.gateway import RunningGateway
-from tests.util import httpRequest
+from tests.util import CLIENT_TIMEOUT, eventually, httpRequest
 
 MANIFESTS = """
 apiVersion: extensions.kubesphere.io/v1alpha1
@@ -81,11 +80,13 @@ class AdminTests(TestCase):
             self.extraPort = reactor.listenTCP(0, site, interface="127.0.0.1")
             self.adminPort = self.extraPort.getHost().port
         health = service.gateway.health
-        # Both checkers have run at least once (the dead one is down).
-        for _ in range(200):
-            if all(c.checked for c in health.checkers.values()) and len(health.checkers) == 2:
-                break
-            yield deferLater(reactor, 0.01, lambda: None)
+        # Both checkers have run at least once (the dead one is down); on a loaded machine that can take more
+        # than the 2 s this once waited before going on regardless (test_metrics then failed).
+        yield eventually(
+            lambda: len(health.checkers) == 2 and all(c.checked for c in health.checkers.values()),
+            "both health checkers to have run",
+            timeout=CLIENT_TIMEOUT,
+        )
 
     @defer.inlineCallbacks
     def tearDown(self):  # type: ignore[no-untyped-def]

@@ -1,6 +1,7 @@
 """
-L{ksproxy.reactor.KsproxyReactor.doPoll} with C{busyPoll}: it polls without sleeping for up to that long
-when a turn finds nothing, and only then sleeps in C{epoll_wait} for what is left of the timeout.
+L{ksproxy.reactor.KsproxyReactor.doPoll} with C{busyPoll}: right after a request went upstream
+(C{awaitingReply.soon}), a poll that finds nothing keeps polling without sleeping for up to that long, and
+only then sleeps in C{epoll_wait} for what is left of the timeout.  Other turns sleep at once.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Any, List, Tuple
 from twisted.trial.unittest import SynchronousTestCase
 
 from ksproxy import reactor as reactorModule
+from ksproxy.http.writes import awaitingReply
 from ksproxy.reactor import KsproxyReactor
 
 SPIN = 100e-6
@@ -34,7 +36,11 @@ class _ScriptedPoller:
 
 @pyunittest.skipUnless(hasattr(select, "epoll"), "epoll is Linux-only")
 class BusyPollTests(SynchronousTestCase):
-    def poller(self, answers: List[List[Tuple[int, int]]], busyPoll: float = SPIN) -> Tuple[KsproxyReactor, _ScriptedPoller]:
+    def poller(
+        self, answers: List[List[Tuple[int, int]]], busyPoll: float = SPIN, awaiting: bool = True
+    ) -> Tuple[KsproxyReactor, _ScriptedPoller]:
+        self.addCleanup(setattr, awaitingReply, "soon", False)
+        awaitingReply.soon = awaiting
         reactor = KsproxyReactor()
         self.addCleanup(reactor._poller.close)
         reactor.busyPoll = busyPoll
@@ -49,6 +55,29 @@ class BusyPollTests(SynchronousTestCase):
         reactor, poller = self.poller([], busyPoll=0.0)
         reactor.doPoll(1.0)
         self.assertEqual(poller.calls, [1.0])
+
+    def test_noSpinUnlessAReplyIsAwaited(self) -> None:
+        reactor, poller = self.poller([], awaiting=False)
+        reactor.doPoll(1.0)
+        self.assertEqual(poller.calls, [1.0])
+
+    def test_oneSpinPerRequestSent(self) -> None:
+        reactor, poller = self.poller([])
+        reactor.doPoll(1.0)
+        self.assertFalse(awaitingReply.soon)
+        del poller.calls[:]
+        reactor.doPoll(1.0)
+        self.assertEqual(poller.calls, [1.0])
+
+    def test_sendingARequestUpstreamAsksForASpin(self) -> None:
+        from ksproxy.http.upstream import UpstreamConnection
+
+        awaitingReply.soon = False
+        self.addCleanup(setattr, awaitingReply, "soon", False)
+        conn = UpstreamConnection(None, "k")  # type: ignore[arg-type]
+        self.patch(conn, "_writeOut", lambda chunks: None)
+        conn.startRequest(None, b"GET / HTTP/1.1\r\n\r\n", False)  # type: ignore[arg-type]
+        self.assertTrue(awaitingReply.soon)
 
     def test_anEventWhileSpinningEndsTheSpin(self) -> None:
         reactor, poller = self.poller([[], [], [(99, select.EPOLLIN)]])

@@ -27,7 +27,7 @@ class OptionsTests(SynchronousTestCase):
         self.assertEqual(run["admin-listen"], "tcp:9090:interface=127.0.0.1")
         self.assertEqual(run["drain-grace"], 25.0)
         self.assertEqual(run["idle-timeout"], 900.0)
-        self.assertAlmostEqual(run["busy-poll"], 0.0001)
+        self.assertAlmostEqual(run["busy-poll"], 0.0002)
         self.assertEqual(parse("run", "--source", "dir:x", "--busy-poll", "0").subOptions["busy-poll"], 0.0)
 
     def test_usageLines(self) -> None:
