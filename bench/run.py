@@ -1521,7 +1521,9 @@ def main(argv=None):
                     continue
                 k = rep % len(group)
                 order = group[k:] + group[:k]
-                if rep % 2 == 1:
+                # Reversed on odd repetitions, so neighbours change too; not for two peers, where reversing
+                # the rotation undid it (the "rules" pair always ran 1 rule first, 10,000 rules second).
+                if rep % 2 == 1 and len(group) > 2:
                     order = order[::-1]
                 for peer in order:
                     if peer["proc"] is not None and not peer["proc"].alive():
