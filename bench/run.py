@@ -1424,7 +1424,7 @@ def main(argv=None):
     main_peers = len(plan) - (2 if any(x[3] == "rules" for x in plan) else 0) + include_direct
     n_main = len([s for s in scenarios if SCENARIOS[s]["group"] == "main"])
     n_rules = 1 if "rules" in scenarios else 0
-    est = ((main_peers * n_main + 2 * n_rules) * (args.reps * (args.duration + 0.7)
+    est = ((main_peers * n_main + 2 * n_rules * 2) * (args.reps * (args.duration + 0.7)
                                                     + (args.warmup + 0.2 if args.warmup else 0))
            + ("slow" in checks) * main_peers * (args.slow_hold + 0.8)
            + ("swap" in checks) * 2 * (2 * args.swap_duration + 3)
@@ -1525,11 +1525,14 @@ def main(argv=None):
                 # the rotation undid it (the "rules" pair always ran 1 rule first, 10,000 rules second).
                 if rep % 2 == 1 and len(group) > 2:
                     order = order[::-1]
-                for peer in order:
+                # A pair, compared with each other to 5 %, runs there and back (ABBA): drift over the seconds
+                # of one repetition then counts for both alike, and each gets twice the samples.
+                passes = [order, order[::-1]] if len(group) == 2 else [order]
+                for pass_, peer in [(i, p) for i, o in enumerate(passes) for p in o]:
                     if peer["proc"] is not None and not peer["proc"].alive():
                         log("peer %s died; skipping" % peer["name"])
                         continue
-                    tag = "%s-%s-r%d" % (s, peer["name"], rep + 1)
+                    tag = "%s-%s-r%d%s" % (s, peer["name"], rep + 1, "b" if pass_ else "")
                     rec, argv = measure(peer, s, args, ctx, tag, noise)
                     argv_example[s] = argv
                     records.append(rec)
