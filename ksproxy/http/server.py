@@ -323,8 +323,11 @@ class Exchange:
                     lines.append(b"Transfer-Encoding: chunked\r\n")
                 else:
                     self.keepAlive = False
-            if not self._bodyDone and self._consumer is None:
-                # We answer before reading the body: the rest of it cannot be told from the next request.
+            if not self._bodyDone and self._consumer is not _DISCARD:
+                # We answer before the whole body is in, and nobody reads the rest of it to drop it (there is no
+                # reader, or the handler still owns it: an upstream that answered early): the connection ends
+                # with this response, and the head must say so, or the client sends its next request into a
+                # closed connection.  A discarded body is read on and dropped instead.
                 self.keepAlive = False
             if not self.keepAlive:
                 lines.append(b"Connection: close\r\n")

@@ -52,6 +52,21 @@ def sleep(seconds: float) -> defer.Deferred:
     return deferLater(reactor, seconds, lambda: None)
 
 
+def _untilClosed(port: int, request: bytes) -> bytes:
+    """Send C{request}, then read until the server closes the connection (the test fails on a timeout)."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=CLIENT_TIMEOUT)
+    try:
+        s.sendall(request)
+        got = b""
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                return got
+            got += chunk
+    finally:
+        s.close()
+
+
 def _keepAlive(port: int, paths: List[str]) -> List[Tuple[int, bytes]]:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=CLIENT_TIMEOUT)
     try:
@@ -104,6 +119,7 @@ class FaultTests(TestCase):
             ),
             "stale": ScriptedUpstream(staleOnSecond),
             "closeidle": ScriptedUpstream(closeIdleSoon),
+            "early": ScriptedUpstream(answerOK),  # answers on the request head, body or not
         }
         manifests = "".join(proxy(name, up.listen()) for name, up in self.upstreams.items())
         # A port nothing listens on: bound, then closed.
@@ -122,6 +138,21 @@ class FaultTests(TestCase):
         yield self.gw.stop()
         for up in self.upstreams.values():
             yield up.cleanup()
+
+    @defer.inlineCallbacks
+    def test_anAnswerBeforeTheBodyIsInSaysTheConnectionCloses(self):  # type: ignore[no-untyped-def]
+        """
+        The upstream answers a POST whose body has not arrived yet: that answer must carry C{Connection: close}
+        and the connection end after it.  It once said keep-alive and then closed, so a client's next request
+        went into a closed connection (a broken pipe, or a lost POST).
+        """
+        got = yield threads.deferToThread(
+            _untilClosed, self.gw.port, b"POST /early/x HTTP/1.1\r\nHost: t\r\nContent-Length: 1000\r\n\r\n"
+        )
+        head, _, body = got.partition(b"\r\n\r\n")
+        self.assertTrue(head.startswith(b"HTTP/1.1 200"), got)
+        self.assertIn(b"connection: close", head.lower())
+        self.assertEqual(body, b"ok")
 
     @defer.inlineCallbacks
     def test_refusedIsAFast502(self):  # type: ignore[no-untyped-def]
@@ -362,9 +393,13 @@ class BadResponseTests(TestCase):
 
         self.upstreams: Dict[str, ScriptedUpstream] = {
             "garbage": ScriptedUpstream(reply(b"NOT HTTP AT ALL\r\n\r\n")),
-            "twocl": ScriptedUpstream(reply(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nok")),
+            "twocl": ScriptedUpstream(
+                reply(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nok")
+            ),
             "hugehead": ScriptedUpstream(reply(b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * 300_000 + b"\r\n\r\n")),
-            "switch": ScriptedUpstream(reply(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\nConnection: Upgrade\r\n\r\n")),
+            "switch": ScriptedUpstream(
+                reply(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\nConnection: Upgrade\r\n\r\n")
+            ),
         }
         manifests = "".join(proxy(name, up.listen()) for name, up in self.upstreams.items())
         self.gw = RunningGateway({"bad.yaml": manifests})
