@@ -81,6 +81,22 @@ class _LastRequest(Exception):
     """The request just read was the connection's last (C{Connection: close}, HTTP/1.0): read no further."""
 
 
+def _checkTransferCodings(te: bytes) -> None:
+    """
+    The request's transfer codings, all of its Transfer-Encoding fields joined, when they are not plainly
+    C{chunked}.  llhttp frames the body by the final C{chunked} and hands us the decoded chunks; the codings
+    before it (C{gzip, chunked}) would be lost on the way upstream, so such a request is refused with 501
+    (RFC 9112 7: a coding the server does not understand), and anything else but C{chunked} alone with 400.
+    """
+    codings = [c.strip().lower() for c in te.split(b",")]
+    if codings == [b"chunked"]:
+        return
+    others = codings[:-1]
+    if codings[-1] == b"chunked" and all(c and c != b"chunked" for c in others):
+        raise _BadRequest(501, f"transfer coding not supported: {b', '.join(others).decode('latin-1')}")
+    raise _BadRequest(400, "invalid Transfer-Encoding")
+
+
 class _BadRequest(Exception):
     def __init__(self, code: int, message: str) -> None:
         super().__init__(message)
@@ -724,8 +740,7 @@ class HTTPServerProtocol(BatchedWriter, Protocol):
                     hosts += 1
                     host = value
                 elif lname == b"transfer-encoding":
-                    if te is None:
-                        te = value
+                    te = value if te is None else te + b"," + value
                 elif lname == b"content-length":
                     if cl is None:
                         cl = value
@@ -737,9 +752,12 @@ class HTTPServerProtocol(BatchedWriter, Protocol):
             raise _BadRequest(405, "CONNECT is not supported")
         if version not in (b"1.1", b"1.0"):
             raise _BadRequest(400, "unsupported HTTP version")
-        if te is not None and version != b"1.1":
-            # RFC 9112 6.1: an HTTP/1.0 message with Transfer-Encoding has faulty framing.
-            raise _BadRequest(400, "Transfer-Encoding in an HTTP/1.0 request")
+        if te is not None:
+            if version != b"1.1":
+                # RFC 9112 6.1: an HTTP/1.0 message with Transfer-Encoding has faulty framing.
+                raise _BadRequest(400, "Transfer-Encoding in an HTTP/1.0 request")
+            if te != b"chunked":
+                _checkTransferCodings(te)
         if version == b"1.1" and not hosts:
             raise _BadRequest(400, "missing Host header")
         if hosts > 1:

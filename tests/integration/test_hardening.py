@@ -116,6 +116,18 @@ SMUGGLING: List[Tuple[str, bytes, int]] = [
         400,
     ),
     ("TE gzip only", b"POST /proxy/app/a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\nabc", 400),
+    # A coding before chunked would be dropped on the way upstream (the body goes on decoded from chunked only).
+    (
+        "TE gzip, chunked",
+        b"POST /proxy/app/a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+        501,
+    ),
+    (
+        "TE gzip then TE chunked",
+        b"POST /proxy/app/a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"3\r\nabc\r\n0\r\n\r\n",
+        501,
+    ),
     ("TE xchunked", b"POST /proxy/app/a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: xchunked\r\n\r\nabc", 400),
     (
         "TE twice",
