@@ -39,6 +39,10 @@ __all__ = ["KsproxyReactor", "Server", "install"]
 
 _log = Logger()
 
+# After this many busy-polls in a row that caught nothing, only every SPIN_RETRY_EVERY-th one is tried.
+SPIN_MISSES = 8
+SPIN_RETRY_EVERY = 16
+
 # One Failure for every clean close, as Twisted's own loseConnection default does (building one costs µs).
 _CONNECTION_DONE = Failure(main.CONNECTION_DONE)
 
@@ -188,6 +192,8 @@ class KsproxyReactor(EPollReactor):
     # Seconds to keep polling without sleeping for an upstream's answer (L{_busyWait}); 0 turns it off.
     # C{ksproxy run --busy-poll} sets it.
     busyPoll = 0.0
+    _spinMisses = 0  # spins in a row that caught nothing
+    _spinSkips = 0
 
     def __init__(self) -> None:
         self._closing: List[Server] = []
@@ -285,17 +291,27 @@ class KsproxyReactor(EPollReactor):
         spinning poll it costs no wake-up of a sleeping thread (tens of microseconds of latency at light
         load, on a VM).  Under load there is always an event and the first poll returns at once, so the
         spin only runs when the process would otherwise sleep.  Not after other turns: the next client
-        request is not predictable, and spinning for it cost CPU for worse latency (bench/RESULTS.md).
+        request is not predictable, and spinning for it cost CPU for worse latency (bench/RESULTS.md).  An
+        upstream slower than the spin makes every spin a loss, so after L{SPIN_MISSES} misses in a row it is
+        tried only now and then.
         """
         poll = self._poller.poll
+        if self._spinMisses >= SPIN_MISSES:
+            # The answers have been slower than the spin (a slow upstream): spinning would only burn CPU.
+            # Try again now and then, in case they got quicker.
+            self._spinSkips += 1
+            if self._spinSkips % SPIN_RETRY_EVERY:
+                return poll(timeout, n)
         spin = self.busyPoll if timeout < 0 else min(self.busyPoll, timeout)
         now = monotonic()
         deadline = now + spin
         while now < deadline:
             events = poll(0, n)
             if events:
+                self._spinMisses = 0
                 return events
             now = monotonic()
+        self._spinMisses += 1
         return poll(timeout if timeout < 0 else max(0.0, timeout - spin), n)
 
 

@@ -14,7 +14,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from ksproxy import reactor as reactorModule
 from ksproxy.http.writes import awaitingReply
-from ksproxy.reactor import KsproxyReactor
+from ksproxy.reactor import SPIN_MISSES, SPIN_RETRY_EVERY, KsproxyReactor
 
 SPIN = 100e-6
 
@@ -78,6 +78,25 @@ class BusyPollTests(SynchronousTestCase):
         self.patch(conn, "_writeOut", lambda chunks: None)
         conn.startRequest(None, b"GET / HTTP/1.1\r\n\r\n", False)  # type: ignore[arg-type]
         self.assertTrue(awaitingReply.soon)
+
+    def test_slowAnswersStopTheSpinning(self) -> None:
+        """After SPIN_MISSES spins in a row that caught nothing, it sleeps at once, but for every
+        SPIN_RETRY_EVERY-th chance, which spins again; a catch brings the spinning back."""
+        reactor, poller = self.poller([])
+
+        def chance() -> List[float]:
+            awaitingReply.soon = True
+            del poller.calls[:]
+            reactor.doPoll(1.0)
+            return list(poller.calls)
+
+        for _ in range(SPIN_MISSES):
+            self.assertGreater(len(chance()), 2)  # spun, caught nothing
+        slept = [len(chance()) for _ in range(SPIN_RETRY_EVERY - 1)]
+        self.assertEqual(slept, [2] * (SPIN_RETRY_EVERY - 1))  # the first look, then asleep at once
+        poller.answers[:] = [[], [], [(99, select.EPOLLIN)]]
+        self.assertEqual(chance(), [0, 0, 0])  # the retry spins, and catches something
+        self.assertGreater(len(chance()), 2)  # so the next chance spins again
 
     def test_anEventWhileSpinningEndsTheSpin(self) -> None:
         reactor, poller = self.poller([[], [], [(99, select.EPOLLIN)]])
