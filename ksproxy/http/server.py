@@ -46,6 +46,10 @@ _JSON = b"application/json"
 _FRAMING = frozenset([b"host", b"transfer-encoding", b"content-length", b"expect"])
 # How long a closing TLS connection may wait for the client's close_notify.
 _TLS_CLOSE_GRACE = 5.0
+# A lingering close (L{HTTPServerProtocol._startLingering}) ends after this long with nothing arriving, or this
+# long in all: nginx's lingering_timeout and lingering_time.
+LINGER_IDLE = 5.0
+LINGER_TOTAL = 30.0
 
 
 @attrs.frozen
@@ -466,7 +470,9 @@ class HTTPServerProtocol(BatchedWriter, Protocol):
     _noBodyRun = 0
     _h2 = None  # the HTTP/2 connection, once ALPN chose h2
     _producing = False  # registered as our transport's producer
-    _linger = None
+    _linger = None  # the closing grace timer: a TLS close_notify, or a lingering close
+    _lingerSince = 0.0
+    _lingerLast = 0.0  # when bytes last arrived during a lingering close
 
     def __init__(self, factory: HTTPServerFactory) -> None:
         self.factory = factory
@@ -554,11 +560,14 @@ class HTTPServerProtocol(BatchedWriter, Protocol):
         pass
 
 
-    def loseConnection(self) -> None:
+    def loseConnection(self, linger: bool = False) -> None:
         """
         Close after what is buffered has been written.  We unregister as the transport's producer first: a
         transport whose producer is paused resumes it instead of closing when its buffer drains, and would then
         stay open for good.
+
+        C{linger}: the client may still be sending (a body we did not read to its end, a request we rejected):
+        close our side only, and read on for a while (L{_startLingering}).
         """
         transport = self.transport
         self._cancelTimer()
@@ -566,6 +575,11 @@ class HTTPServerProtocol(BatchedWriter, Protocol):
         if self._producing:
             self._producing = False
             transport.unregisterProducer()
+        if linger and not self.secure and self._linger is None and not self._gone:
+            halfClose = getattr(transport, "loseWriteConnection", None)
+            if halfClose is not None:
+                self._startLingering(halfClose)
+                return
         transport.loseConnection()
         if self.secure and not self._gone and self._linger is None:
             # TLS waits for the client's close_notify before it closes the socket: do not wait forever.
@@ -576,6 +590,35 @@ class HTTPServerProtocol(BatchedWriter, Protocol):
         if not self._gone:
             self._out = []  # queued bytes must not follow an abort
             self.transport.abortConnection()
+
+    def _startLingering(self, halfClose: Callable[[], None]) -> None:
+        """
+        A lingering close (RFC 9112 9.6, nginx's lingering_close): send our FIN after the answer, then read and
+        drop whatever the client still sends until it closes, for at most L{LINGER_TOTAL} and L{LINGER_IDLE}
+        with nothing arriving.  Closing with unread bytes makes the kernel send a reset, and a client still
+        writing its body then sees a broken pipe instead of the answer waiting for it.
+        """
+        self._closing = True
+        parsing, self._parsing = self._parsing, None
+        if parsing is not None:
+            self._cancel(parsing)  # (a no-op for the exchange just answered)
+        now = self.clock.seconds()
+        self._lingerSince = self._lingerLast = now
+        self._pauses = 0
+        self.transport.resumeProducing()
+        halfClose()
+        self._linger = self.clock.callLater(LINGER_IDLE, self._lingerCheck)
+
+    def _lingerCheck(self) -> None:
+        self._linger = None
+        if self._gone:
+            return
+        due = min(self._lingerLast + LINGER_IDLE, self._lingerSince + LINGER_TOTAL)
+        left = due - self.clock.seconds()
+        if left > 1e-9:
+            self._linger = self.clock.callLater(left, self._lingerCheck)
+            return
+        self._abortLingering()
 
     @property
     def congested(self) -> bool:
@@ -602,6 +645,8 @@ class HTTPServerProtocol(BatchedWriter, Protocol):
                 receive(data)
             return
         if self._lastRead or self._closing and self._parsing is None and self._current is None:
+            if self._linger is not None:
+                self._lingerLast = self.clock.seconds()  # dropped, but the client is still there
             return
         try:
             self._parser.feed_data(data)
@@ -654,6 +699,10 @@ class HTTPServerProtocol(BatchedWriter, Protocol):
 
     def _reject(self, code: int, message: str) -> None:
         """A request we cannot parse: answer if we can, then close (the byte stream is no longer trustworthy)."""
+        if self._closing and self._current is None and self._parsing is None:
+            # Already closing with its last answer out (the rest of a read that ended the connection): nothing
+            # more may be written.
+            return
         self._closing = True
         current = self._current
         if current is not None and current._headSent:
@@ -678,7 +727,7 @@ class HTTPServerProtocol(BatchedWriter, Protocol):
             ]
         )
         self.factory._logRejected(self, code, message)
-        self.loseConnection()
+        self.loseConnection(linger=True)
 
     def _cancel(self, exchange: Exchange) -> None:
         """The client side of C{exchange} is gone or unusable: tell the handler so it drops the upstream."""
@@ -692,6 +741,9 @@ class HTTPServerProtocol(BatchedWriter, Protocol):
     # httptools callbacks
 
     def on_message_begin(self) -> None:
+        if self._closing and self._current is None and self._parsing is None:
+            # The connection closed during this read (a lingering close): what follows in it is not a request.
+            raise _LastRequest()
         self._url = []
         self._urlLen = 0
         self._headers = []
@@ -845,14 +897,15 @@ class HTTPServerProtocol(BatchedWriter, Protocol):
             self._out = []  # queued bytes must not follow an abort
             self.transport.abortConnection()
             return
+        stillSending = exchange is self._parsing and not exchange._bodyDone
         if not exchange.keepAlive or exchange._tunnel is not None or self._closing and not self._queue:
-            self.loseConnection()
+            self.loseConnection(linger=stillSending)
             return
-        if exchange is self._parsing and not exchange._bodyDone and exchange._consumer is not _DISCARD:
+        if stillSending and exchange._consumer is not _DISCARD:
             # Answered before its body was read, by a handler that still owns it: do not reuse the connection.
-            # (A discarded body is read on and dropped: closing while the client sends could lose the answer
-            # to a TCP reset.  A request without a body, answered at once, is simply complete.)
-            self.loseConnection()
+            # (A discarded body is read on and dropped instead.  A request without a body, answered at once, is
+            # simply complete.)
+            self.loseConnection(linger=True)
             return
         if self._queue:
             nxt = self._queue.pop(0)

@@ -16,7 +16,7 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from ksproxy.http.server import HTTPServerFactory, ServerLimits
+from ksproxy.http.server import LINGER_IDLE, LINGER_TOTAL, HTTPServerFactory, ServerLimits
 from tests.integration.gateway import RunningGateway
 from tests.integration.wire import listen, splitResponse
 from tests.util import rawRequest
@@ -507,6 +507,126 @@ class EngineLimitTests(SynchronousTestCase):
         proto.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         proto.connectionLost(None)
         self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
+class _AnswersEarly:
+    """Answers at once and leaves the request body unread: an upstream that answered before the body was in."""
+
+    def handleRequest(self, exchange) -> None:  # type: ignore[no-untyped-def]
+        exchange.writeHead(413, [(b"Content-Type", b"text/plain")], length=2)
+        exchange.write(b"no")
+        exchange.finish()
+
+
+class _HalfClosingTransport(_Transport):
+    """A TCP-like test transport: it can close its write side alone."""
+
+    writeClosed = False
+
+    def loseWriteConnection(self) -> None:
+        self.writeClosed = True
+
+
+class LingeringCloseTests(SynchronousTestCase):
+    """
+    Closing while the client may still be sending (RFC 9112 9.6): our side closes, what still arrives is read
+    and dropped until the client closes, for at most LINGER_IDLE between reads and LINGER_TOTAL in all.
+    """
+
+    def connect(self, handler=None, tls: bool = False):  # type: ignore[no-untyped-def]
+        self.clock = Clock()
+        factory = HTTPServerFactory(handler or _AnswersEarly(), self.clock, ServerLimits())
+        proto = factory.buildProtocol(None)
+        # (lenient: the rest of a read is parsed after a close, and pausing a closing transport is harmless)
+        transport = _HalfClosingTransport(peerAddress=IPv4Address("TCP", "10.0.0.1", 5555), lenient=True)
+        transport.TLS = tls
+        proto.makeConnection(transport)
+        return proto, transport
+
+    def assertLingering(self, transport: _HalfClosingTransport) -> None:
+        self.assertTrue(transport.writeClosed)
+        self.assertFalse(transport.disconnecting)
+        self.assertFalse(transport.aborted)
+        self.assertEqual(transport.producerState, "producing")  # reading, whatever paused it before
+
+    def test_anEarlyAnswerLingersUntilTheClientIsQuiet(self) -> None:
+        proto, transport = self.connect()
+        proto.dataReceived(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n" + b"x" * 1000)
+        status, headers, body = splitResponse(transport.value())
+        self.assertEqual((status, body), (b"HTTP/1.1 413 Content Too Large", b"no"))
+        self.assertEqual(headers[b"connection"], [b"close"])
+        self.assertLingering(transport)
+        transport.clear()
+        self.clock.advance(LINGER_IDLE - 0.1)
+        proto.dataReceived(b"x" * 50000 + b"GET /next HTTP/1.1\r\nHost: x\r\n\r\n")  # dropped, not parsed
+        self.assertEqual(transport.value(), b"")
+        self.clock.advance(LINGER_IDLE - 0.1)
+        self.assertLingering(transport)
+        self.clock.advance(0.2)
+        self.assertTrue(transport.aborted)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_aClientThatKeepsSendingIsCutOffAfterTheTotal(self) -> None:
+        proto, transport = self.connect()
+        proto.dataReceived(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 100000000\r\n\r\n")
+        for _ in range(int(LINGER_TOTAL) - 1):
+            self.clock.advance(1.0)
+            proto.dataReceived(b"x" * 1000)
+        self.assertLingering(transport)
+        self.clock.advance(1.1)
+        self.assertTrue(transport.aborted)
+
+    def test_theClientClosingEndsIt(self) -> None:
+        proto, transport = self.connect()
+        proto.dataReceived(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nxx")
+        self.assertLingering(transport)
+        proto.connectionLost(None)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_aRejectedRequestLingers(self) -> None:
+        """A malformed request: the client may be sending more of it, or more requests behind it."""
+        proto, transport = self.connect(_Echo())
+        proto.dataReceived(b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n")
+        answered = transport.value()
+        self.assertTrue(answered.startswith(b"HTTP/1.1 200 "), answered)
+        self.assertEqual(answered.count(b"HTTP/1.1 400 Bad Request"), 1, answered)
+        self.assertLingering(transport)
+        transport.clear()
+        proto.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" * 3)  # behind the malformed one: dropped
+        self.assertEqual(transport.value(), b"")
+
+    def test_nothingIsAnsweredAfterTheEarlyAnswerInTheSameRead(self) -> None:
+        """
+        The rest of the read that held the answered request is not parsed: neither a malformed tail (a second,
+        400 answer) nor a pipelined request (dispatched on a closing connection) may follow the answer.
+        """
+        for tail in [b"zz\r\n", b"5\r\nhello\r\n0\r\n\r\nGET /next HTTP/1.1\r\nHost: x\r\n\r\n"]:
+            proto, transport = self.connect()
+            proto.dataReceived(b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n" + tail)
+            status, headers, body = splitResponse(transport.value())
+            self.assertEqual((status, body), (b"HTTP/1.1 413 Content Too Large", b"no"), tail)
+            self.assertLingering(transport)
+
+    def test_aConnectionCloseAnswerWithoutABodyClosesAtOnce(self) -> None:
+        """Nothing more can come: the plain close, as before."""
+        proto, transport = self.connect(_Echo())
+        proto.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        self.assertTrue(transport.disconnecting)
+        self.assertFalse(transport.writeClosed)
+
+    def test_aDiscardedBodyOfAConnectionCloseRequestLingers(self) -> None:
+        """The client said it will close, but it is still sending the body the gateway answered without."""
+        proto, transport = self.connect(_Echo())
+        proto.dataReceived(b"POST / HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 9\r\n\r\nxx")
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 200 OK"))
+        self.assertLingering(transport)
+
+    def test_tlsClosesAsBefore(self) -> None:
+        """TLS has its own close (close_notify, then a grace period): no half-close under it."""
+        proto, transport = self.connect(tls=True)
+        proto.dataReceived(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nxx")
+        self.assertTrue(transport.disconnecting)
+        self.assertFalse(transport.writeClosed)
 
 
 class ArrivalDeadlineTests(SynchronousTestCase):
