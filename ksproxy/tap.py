@@ -9,6 +9,7 @@ C{twistd ksproxy}: options and the service tree.  The only place where things ar
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from typing import Callable, Optional
@@ -16,9 +17,12 @@ from typing import Callable, Optional
 from twisted.application import service, strports
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import defer, task
+from twisted.internet.endpoints import UNIXServerEndpoint
 from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 from twisted.python import usage
+from twisted.web.resource import Resource
+from twisted.web.server import Site
 
 from .accesslog import AccessLog
 from .auth import AuthOptionsMixin, buildGate
@@ -35,6 +39,7 @@ from .proxy.forward import Timeouts
 from .reconcile import Reconciler, statusInputs
 from .routing import compileTable
 from .services import SequentialMultiService
+from .workermetrics import WORKER_COUNT, WORKER_DIR, AllWorkersMetrics, metricsSocket, unixFetcher
 from .workers import LISTEN_FDS, ParentWatch, Supervisor, bindListening, inheritedEndpoint, workerArgv
 
 __all__ = ["Options", "RunOptions", "makeService"]
@@ -424,7 +429,11 @@ def makeRunService(config: RunOptions, reactor) -> service.MultiService:
     listeners.setServiceParent(top)
     metrics = installMetrics(reconciler, gateway, pool, health, factory, source)
     if admin is not None:
-        admin.factory = adminSite(reconciler, gateway, pool, metrics, draining=lambda: factory.draining)
+        admin.factory = adminSite(
+            reconciler, gateway, pool, _allWorkers(metrics, reactor, workerIndex), draining=lambda: factory.draining
+        )
+    elif workerIndex is not None and config["admin-listen"] != "none":
+        _serveWorkerMetrics(metrics, reactor, int(workerIndex)).setServiceParent(top)
     # For tests and embedding: the parts, by name.
     top.gateway = gateway  # type: ignore[attr-defined]
     top.reconciler = reconciler  # type: ignore[attr-defined]
@@ -434,6 +443,29 @@ def makeRunService(config: RunOptions, reactor) -> service.MultiService:
     top.metrics = metrics  # type: ignore[attr-defined]
     top.health = health  # type: ignore[attr-defined]
     return top
+
+
+def _allWorkers(metrics, reactor, workerIndex: Optional[str]):  # type: ignore[no-untyped-def]
+    """Worker 0's /metrics under --workers: every worker's (L{ksproxy.workermetrics}); else this process's."""
+    directory, count = os.environ.get(WORKER_DIR), int(os.environ.get(WORKER_COUNT) or 1)
+    if workerIndex is None or not directory or count < 2:
+        return metrics
+    return AllWorkersMetrics(metrics, count, unixFetcher(reactor, directory))
+
+
+def _serveWorkerMetrics(metrics, reactor, index: int) -> service.Service:  # type: ignore[no-untyped-def]
+    """A worker other than 0: its own /metrics on its private socket, for worker 0 to read."""
+    directory = os.environ.get(WORKER_DIR)
+    if not directory:
+        return service.Service()  # started by hand, without a supervisor: nobody to read it
+    path = metricsSocket(directory, index)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)  # left by this worker's predecessor if it was killed
+    root = Resource()
+    root.putChild(b"metrics", metrics.resource())
+    site = Site(root)
+    site.displayTracebacks = False
+    return StreamServerEndpointService(UNIXServerEndpoint(reactor, path, mode=0o600), site)
 
 
 def _makeSource(spec: str, reconciler: Reconciler, reactor) -> service.Service:

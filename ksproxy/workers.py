@@ -12,9 +12,11 @@ worker that dies loses no connection waiting to be accepted: the others take it.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 from typing import Dict, List, Optional
 
 from twisted.application import service
@@ -22,6 +24,8 @@ from twisted.internet import defer, protocol
 from twisted.internet.endpoints import AdoptedStreamServerEndpoint
 from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
+
+from .workermetrics import WORKER_COUNT, WORKER_DIR
 
 __all__ = ["Supervisor", "bindListening", "inheritedEndpoint", "workerArgv", "packageRoot", "LISTEN_FDS"]
 
@@ -84,6 +88,7 @@ class Supervisor(service.Service):
     """
     Starts C{count} workers running C{argv} (with C{--worker-index i} appended), restarts any that exits
     while the supervisor runs, and on stop sends SIGTERM and waits up to C{grace} seconds before SIGKILL.
+    The workers get a private directory for their metrics sockets (L{ksproxy.workermetrics}), removed at stop.
     """
 
     def __init__(
@@ -106,9 +111,11 @@ class Supervisor(service.Service):
         self.restarts = 0
         self._delays: Dict[int, float] = {}
         self._timers: Dict[int, object] = {}
+        self.directory: Optional[str] = None
 
     def startService(self) -> None:
         super().startService()
+        self.directory = tempfile.mkdtemp(prefix="ksproxy-workers-")  # mode 0700: this user's workers only
         for index in range(self.count):
             self._spawn(index)
 
@@ -120,7 +127,16 @@ class Supervisor(service.Service):
         for offset, sock in enumerate(self.listening):
             fds[_FIRST_FD + offset] = sock.fileno()
         inherited = ",".join(str(_FIRST_FD + i) for i in range(len(self.listening)))
-        env = dict(self.env, KSPROXY_WORKER=str(index), **{LISTEN_FDS: inherited, SUPERVISOR_PID: str(os.getpid())})
+        env = dict(
+            self.env,
+            KSPROXY_WORKER=str(index),
+            **{
+                LISTEN_FDS: inherited,
+                SUPERVISOR_PID: str(os.getpid()),
+                WORKER_COUNT: str(self.count),
+                WORKER_DIR: self.directory or "",
+            },
+        )
         self.transports[index] = self.reactor.spawnProcess(proto, argv[0], argv, env=env, childFDs=fds)
         self.workers[index] = proto
         log.info("started worker {index} (pid {pid})", index=index, pid=self.transports[index].pid)
@@ -163,6 +179,9 @@ class Supervisor(service.Service):
         def done(_: object) -> None:
             if killer.active():
                 killer.cancel()
+            if self.directory is not None:
+                shutil.rmtree(self.directory, ignore_errors=True)
+                self.directory = None
 
         return defer.DeferredList(ended).addCallback(done)
 

@@ -148,6 +148,54 @@ def test_workersShareThePortAndRestart(demoUpstream) -> None:  # type: ignore[no
             proc.kill()
 
 
+def test_workersMetricsCoverEveryWorker(demoUpstream) -> None:  # type: ignore[no-untyped-def]
+    """/metrics (served by worker 0) counts the requests every worker answered, labelled by worker."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    port, admin = _freePort(), _freePort()
+    proc = _start(
+        [sys.executable, "-m", "ksproxy.cli", "run", "--listen", f"tcp:{port}:interface=127.0.0.1",
+         "--admin-listen", f"tcp:{admin}:interface=127.0.0.1", "--source", f"dir:{demoUpstream}",
+         "--workers", "2", "--no-access-log", "--drain-grace", "1s"]
+    )
+
+    def scrape() -> dict:
+        status, body = _get(f"http://127.0.0.1:{admin}/metrics")
+        assert status == 200, body
+        out: dict = {}
+        for family in text_string_to_metric_families(body.decode()):
+            for s in family.samples:
+                if s.name in ("ksproxy_requests_total", "ksproxy_worker_metrics_up"):
+                    key = (s.name, s.labels["worker"])
+                    out[key] = out.get(key, 0) + s.value
+        return out
+
+    try:
+        _waitFor(lambda: _get(f"http://127.0.0.1:{admin}/readyz")[0] == 200)
+        _waitFor(lambda: scrape().get(("ksproxy_worker_metrics_up", "1")) == 1)
+        # New connections each: the kernel spreads them over both workers' accept calls, mostly.
+        sent = 0
+        while sent < 400:
+            assert _get(f"http://127.0.0.1:{port}/proxy/demo/x")[0] == 200
+            sent += 1
+            if sent % 50 == 0 and all(scrape().get(("ksproxy_requests_total", w), 0) > 0 for w in "01"):
+                break
+        _waitFor(lambda: sum(v for (name, _), v in scrape().items() if name == "ksproxy_requests_total") == sent)
+        got = scrape()
+        assert got[("ksproxy_requests_total", "0")] > 0 and got[("ksproxy_requests_total", "1")] > 0, got
+        assert got[("ksproxy_worker_metrics_up", "0")] == 1 and got[("ksproxy_worker_metrics_up", "1")] == 1
+        with open(f"/proc/{_children(proc.pid)[0]}/environ", "rb") as f:
+            env = dict(item.split(b"=", 1) for item in f.read().split(b"\0") if b"=" in item)
+        directory = env[b"KSPROXY_WORKER_DIR"].decode()
+        assert os.path.exists(os.path.join(directory, "metrics-1.sock"))
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+        assert not os.path.exists(directory)  # the metrics sockets' directory goes with the supervisor
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
 def _children(pid: int) -> list:
     out = []
     for entry in os.listdir("/proc"):

@@ -218,6 +218,40 @@ class SupervisorStopTests(SynchronousTestCase):
         self.successResultOf(stopped)
         self.assertEqual(reactor.getDelayedCalls(), [])
 
+    def test_workersGetAPrivateMetricsDirectoryRemovedAtStop(self) -> None:
+        import os
+        import stat
+        import tempfile
+
+        from ksproxy.workermetrics import WORKER_COUNT, WORKER_DIR
+        from ksproxy.workers import Supervisor
+
+        envs = []
+
+        class Transport:
+            pid = 4242
+
+            def signalProcess(self, signum: int) -> None:
+                pass
+
+        class FakeReactor(Clock):
+            def spawnProcess(self, proto, executable, args, env, childFDs):  # type: ignore[no-untyped-def]
+                envs.append(env)
+                return Transport()
+
+        supervisor = Supervisor(FakeReactor(), ["worker"], 3, 10.0, [], env={})
+        supervisor.startService()
+        directory = supervisor.directory
+        self.assertEqual([e[WORKER_DIR] for e in envs], [directory] * 3)
+        self.assertEqual([e[WORKER_COUNT] for e in envs], ["3"] * 3)
+        self.assertTrue(directory.startswith(tempfile.gettempdir()))
+        self.assertEqual(stat.S_IMODE(os.stat(directory).st_mode), 0o700)
+        stopped = supervisor.stopService()
+        for proto in list(supervisor.workers.values()):
+            proto.processEnded(_Ended())
+        self.successResultOf(stopped)
+        self.assertFalse(os.path.exists(directory))
+
 
 class _Ended:
     value = "exited"
