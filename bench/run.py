@@ -66,7 +66,7 @@ SCENARIOS = {
                   path=None, conns=50, headers=[], paced=False, group="rules"),
 }
 SCENARIO_ORDER = ["small", "big", "paced", "close", "rules"]
-CHECKS = ["slow", "swap", "idle", "gib"]
+CHECKS = ["slow", "swap", "idle", "gib", "workers"]
 
 
 def log(msg):
@@ -841,6 +841,105 @@ def gib_check(peer, size, sink_ok):
     return out
 
 
+WORKER_COUNTS = (1, 2)
+WORKER_SCENARIOS = ("small", "close")
+
+
+def worker_peers(ctx, procs, first_port):
+    """Start ksproxy with --workers 1 and with --workers 2, each free to run on both CPUs (wrk and the
+    upstream stay on CPU 0, as everywhere); -> [peer] for measure(), the ones that did not start left out."""
+    d = os.path.join(ctx["rundir"], "manifests-workers")
+    write_manifest(d, [reverse_proxy_doc("all", "/*", "http://%s:%d" % (HOST, ctx["up_port"]))])
+    peers = []
+    for i, n in enumerate(WORKER_COUNTS):
+        port, admin = first_port + 2 * i, first_port + 2 * i + 1
+        spec = ksproxy_spec(ctx, port, d, admin)
+        argv = spec["argv"] + ["--workers", str(n)]
+        name = "ks-%dworker%s" % (n, "" if n == 1 else "s")
+        pr = Proc(name, ["taskset", "-c", "0,1"] + argv, os.path.join(ctx["rundir"], "peer-%s.log" % name),
+                  env=spec["env"], cwd=spec["cwd"])
+        procs.append(pr)
+        peers.append(dict(name=name, port=port, admin_port=admin, proc=pr, group="workers", path="/1k",
+                          workers=n, desc=" ".join(shlex.quote(a) for a in ["taskset", "-c", "0,1"] + argv)))
+    ready = []
+    for peer in peers:
+        err = wait_ready(peer["proc"], peer["port"], "/1k", None, timeout=60)
+        if err:
+            log("peer %s excluded: %s" % (peer["name"], err))
+            peer["proc"].stop()
+            procs.remove(peer["proc"])
+        else:
+            ready.append(peer)
+    return ready
+
+
+def requests_per_worker(admin_port):
+    """{worker index: requests} from the merged /metrics of a --workers instance (ksproxy_requests_total,
+    summed over its other labels)."""
+    _, body, _ = http_get(admin_port, "/metrics", timeout=10)
+    per = {}
+    for line in body.decode().splitlines():
+        m = re.match(r'ksproxy_requests_total\{(.*)\} ([0-9.e+]+)$', line)
+        w = m and re.search(r'worker="(\d+)"', m.group(1))
+        if w:
+            per[int(w.group(1))] = per.get(int(w.group(1)), 0) + float(m.group(2))
+    return per
+
+
+def workers_check(args, ctx, procs, noise, first_port, records):
+    """--workers scaling: the small and close scenarios on 1 and on 2 workers, there and back (1, 2, 2, 1)
+    in every repetition; the records join the others (group "workers").  -> {name: requests per worker}"""
+    peers = worker_peers(ctx, procs, first_port)
+    if len(peers) < 2:
+        return {}
+    if args.warmup:
+        for s in WORKER_SCENARIOS:
+            for peer in peers:
+                run_wrk(peer["port"], SCENARIOS[s], peer["path"], args.warmup, args.rate, None, "warmup")
+    base = {p["name"]: requests_per_worker(p["admin_port"]) for p in peers if p["workers"] > 1}
+    for rep in range(args.reps):
+        for s in WORKER_SCENARIOS:
+            order = peers if rep % 2 == 0 else peers[::-1]
+            for pass_, peer in enumerate(order + order[::-1]):
+                tag = "workers-%s-%s-r%d%s" % (s, peer["name"], rep + 1, "b" if pass_ >= len(order) else "")
+                rec, _ = measure(peer, s, args, ctx, tag, noise)
+                records.append(rec)
+                log("%-34s %8.0f req/s  CPU %.2f cores  err %d%s" % (
+                    tag, rec["rps"], rec["proxy_cpu_pct"] / 100.0, rec["errors"],
+                    " DISTURBED" if rec["disturbed"] else ""))
+    spread_ = {}
+    for peer in peers:
+        if peer["workers"] > 1:
+            now = requests_per_worker(peer["admin_port"])
+            spread_[peer["name"]] = {w: now.get(w, 0) - base[peer["name"]].get(w, 0) for w in now}
+    return dict(peers=[{k: v for k, v in p.items() if k != "proc"} for p in peers], per_worker=spread_)
+
+
+def render_workers(agg, result):
+    """The scaling table: each --workers instance against the 1-worker one, with the CPU it used."""
+    peers = result["peers"]
+    one = peers[0]["name"]
+    L = ["| ksproxy | 1 KiB k-a req/s | × 1 worker | CPU used (cores) | µs/req | conn-close req/s | × 1 worker "
+         "| CPU used (cores) |", "|" + "---|" * 8]
+    for p in peers:
+        n = p["name"]
+        row = ["%d worker%s" % (p["workers"], "" if p["workers"] == 1 else "s")]
+        for s in WORKER_SCENARIOS:
+            rps = metric(agg, n, s, "rps")
+            cpu = metric(agg, n, s, "proxy_cpu_pct")
+            row += [fmt_int(rps), fmt_ratio(div(rps, metric(agg, one, s, "rps"))),
+                    "-" if cpu is None else "%.2f" % (cpu / 100.0)]
+            if s == "small":
+                us = metric(agg, n, s, "proxy_cpu_us_per_req")
+                row.append("-" if us is None else "%.0f" % us)
+        L.append("| " + " | ".join(row) + " |")
+    for name, per in result["per_worker"].items():
+        total = sum(per.values()) or 1
+        L += ["", "Requests each worker of %s served during these runs (its /metrics): %s." % (
+            name, ", ".join("worker %d %.0f %%" % (w, 100.0 * per[w] / total) for w in sorted(per)))]
+    return "\n".join(L)
+
+
 def swap_check(peer, args, ctx, gen=2, fmt="yaml"):
     """Rewrite the N-rule manifest (every rule gets a new header value, generation C{gen}; YAML documents, or
     the same objects as one JSON List) while a paced load runs; time from the rename to the first response
@@ -1416,7 +1515,10 @@ def main(argv=None):
             plan.append(("ks-1rule", port, peer_ks_rules(1), "rules", "/r/%d/1k" % ctx["probe"]))
             plan.append(("ks-%drules" % args.rules, port + 1, peer_ks_rules(args.rules), "rules",
                          "/r/%d/1k" % ctx["probe"]))
-    for p in [up_port, up_port + 1, up_port + 2] + [x[1] for x in plan]:
+    workers_port = port + 2  # after the two table-size instances: 1 and 2 workers, each with an admin port
+    wanted_ports = [x[1] for x in plan] + (list(range(workers_port, workers_port + 2 * len(WORKER_COUNTS)))
+                                          if "workers" in checks and not args.profile else [])
+    for p in [up_port, up_port + 1, up_port + 2] + wanted_ports:
         if not port_free(p):
             sys.exit("port %d on %s is in use; move the whole range with --base-port" % (p, HOST))
     include_direct = not args.profile and (not want or "direct" in want)
@@ -1429,7 +1531,9 @@ def main(argv=None):
            + ("slow" in checks) * main_peers * (args.slow_hold + 0.8)
            + ("swap" in checks) * 2 * (2 * args.swap_duration + 3)
            + ("idle" in checks) * (3 + args.idle_conns / 1500.0)
-           + ("gib" in checks) * 8 + 15)
+           + ("gib" in checks) * 8
+           + ("workers" in checks) * len(WORKER_SCENARIOS) * len(WORKER_COUNTS) * (
+               2 * args.reps * (args.duration + 0.7) + args.warmup + 0.2) + 15)
     if args.profile:
         est = 2 * args.profile + 15
     log("run dir %s; estimated %.1f min" % (rundir, est / 60))
@@ -1582,6 +1686,11 @@ def main(argv=None):
             extra["gib"] = gib_check(by_name["ksproxy"], 1 << 30, sink_err is None)
             for k, x in extra["gib"].items():
                 log("  %s: %+.1f MiB, %.1f s, %s" % (k, x["growth_mib"], x["seconds"], x["detail"]))
+        if "workers" in checks:
+            log("--workers scaling: ksproxy with 1 and with 2 workers on both CPUs")
+            extra["workers"] = workers_check(args, ctx, procs, noise, workers_port, records)
+            if not extra["workers"]:
+                notes.append("--workers scaling not measured: an instance did not start (see peer-ks-*.log)")
         if noise.retries or noise.waited or noise.disturbed_kept:
             notes.append("noise control: %d run(s) retried, %.0f s spent waiting for a quiet machine, %d kept "
                          "run(s) still disturbed (other processes > %.0f%% of a CPU or steal > %.0f%%)" % (
@@ -1637,6 +1746,12 @@ def main(argv=None):
     R += ["### Details", "", render_details(agg, [p["name"] for p in peers], scenarios,
                                             lambda s: [p["name"] for p in peers
                                                        if p["group"] == SCENARIOS[s]["group"]])]
+    if extra.get("workers"):
+        R += ["### Scaling with --workers", "",
+              "The same ksproxy with 1 and with 2 worker processes, each free to run on both CPUs; wrk and the "
+              "upstream stay on CPU 0, so the second worker shares its CPU with them: the ceiling here is below "
+              "2×. %d rep(s) x %d s, there and back (1, 2, 2, 1 workers), medians." % (args.reps, args.duration),
+              "", render_workers(agg, extra["workers"]), ""]
     R += ["Peers:", ""]
     for p in peers:
         x = ""
@@ -1644,6 +1759,8 @@ def main(argv=None):
             x = " (RSS after start %.1f MiB, after the load runs %.1f MiB)" % (
                 p["idle_rss_kb"] / 1024.0, p.get("final_rss_kb", 0) / 1024.0)
         R.append("- **%s** :%d — %s%s" % (p["name"], p["port"], p["desc"], x))
+    for p in (extra.get("workers") or {}).get("peers", []):
+        R.append("- **%s** :%d (admin :%d) — %s" % (p["name"], p["port"], p["admin_port"], p["desc"]))
     R += ["", "wrk command lines (the port differs per peer):", ""]
     for s in scenarios:
         if s in argv_example:

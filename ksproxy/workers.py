@@ -6,7 +6,8 @@ the listening sockets, starts N worker processes that inherit them, restarts one
 delay, so a worker that cannot start does not spin), and passes SIGTERM on when it stops, waiting for the
 workers' own graceful drain.  Each worker is a complete ksproxy with its own source and table, accepting
 from the shared sockets.  One accept queue per port (rather than one per worker with SO_REUSEPORT) means a
-worker that dies loses no connection waiting to be accepted: the others take it.
+worker that dies loses no connection waiting to be accepted: the others take it.  Each worker takes one
+connection per wake-up (L{_OneAcceptPort}), so a burst of connections spreads over the workers.
 """
 
 from __future__ import annotations
@@ -20,10 +21,11 @@ import tempfile
 from typing import Dict, List, Optional
 
 from twisted.application import service
-from twisted.internet import defer, protocol
-from twisted.internet.endpoints import AdoptedStreamServerEndpoint
+from twisted.internet import defer, fdesc, protocol, tcp
 from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from .workermetrics import WORKER_COUNT, WORKER_DIR
 
@@ -65,12 +67,51 @@ def bindListening(description: str) -> socket.socket:
     return sock
 
 
-def inheritedEndpoint(reactor, fd: int) -> AdoptedStreamServerEndpoint:
+class _OneAcceptPort(tcp.Port):
+    """
+    A listening port that accepts one connection per wake-up, as nginx does with C{multi_accept off}.
+
+    Twisted accepts up to C{numberAccepts} (100 and growing) connections each time the socket is readable.
+    On a socket shared by several workers that hands a whole burst to whichever wakes first: the 50
+    keep-alive connections a client pool opens at once all landed on one worker and the other stayed idle.
+    Taking one and going back to the event loop lets every idle worker take its share, and a busy worker,
+    slower to come back, takes fewer.
+    """
+
+    @property
+    def numberAccepts(self) -> int:
+        return 1
+
+    @numberAccepts.setter
+    def numberAccepts(self, value: int) -> None:
+        pass  # Port.doRead grows it after a full batch; here a batch is always one
+
+
+@implementer(IStreamServerEndpoint)
+class SharedSocketEndpoint:
+    """Listen on a socket inherited from the supervisor (descriptor C{fd}) and shared with the other workers."""
+
+    def __init__(self, reactor, fd: int) -> None:
+        probe = socket.socket(fileno=os.dup(fd))
+        self.family = probe.family
+        probe.close()
+        self.reactor = reactor
+        self.fd = fd
+
+    def listen(self, factory: protocol.Factory) -> defer.Deferred:
+        try:
+            fdesc.setNonBlocking(self.fd)
+            port = _OneAcceptPort._fromListeningDescriptor(self.reactor, self.fd, self.family, factory)
+            port.startListening()
+            os.close(self.fd)  # the port holds its own duplicate, as with adoptStreamPort
+        except BaseException:
+            return defer.fail()
+        return defer.succeed(port)
+
+
+def inheritedEndpoint(reactor, fd: int) -> SharedSocketEndpoint:
     """The endpoint for a listening socket inherited from the supervisor at descriptor C{fd}."""
-    probe = socket.socket(fileno=os.dup(fd))
-    family = probe.family
-    probe.close()
-    return AdoptedStreamServerEndpoint(reactor, fd, family)
+    return SharedSocketEndpoint(reactor, fd)
 
 
 class _WorkerProcess(protocol.ProcessProtocol):
