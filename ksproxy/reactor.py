@@ -21,6 +21,7 @@ C{twisted/plugins/ksproxy_reactor.py}), or by calling L{install} before anything
 from __future__ import annotations
 
 import errno
+import select
 import socket
 import sys
 from time import monotonic
@@ -35,7 +36,7 @@ from twisted.python.failure import Failure
 
 from .http.writes import awaitingReply, outbox
 
-__all__ = ["KsproxyReactor", "Server", "install"]
+__all__ = ["KsproxyReactor", "Server", "SharedPort", "install"]
 
 _log = Logger()
 
@@ -180,6 +181,29 @@ class Port(tcp.Port):
             self.numberAccepts = max(1, accepted)
 
 
+class SharedPort(Port):
+    """
+    A listening port whose socket other processes accept from too (C{--workers}): it takes one connection per
+    wake-up, as nginx does with C{multi_accept off}, and is registered with C{EPOLLEXCLUSIVE}, so a new
+    connection wakes one sleeping worker rather than all of them (nginx since 1.11.3).
+
+    Twisted's batch of up to C{numberAccepts} (100 and growing) handed a burst to whichever worker woke first:
+    the 50 keep-alive connections of a client pool all landed on one worker and the other stayed idle.  And
+    without C{EPOLLEXCLUSIVE} every connection woke every idle worker, all but one to find nothing to accept.
+    """
+
+    @property
+    def numberAccepts(self) -> int:
+        return 1
+
+    @numberAccepts.setter
+    def numberAccepts(self, value: int) -> None:
+        pass  # doRead grows it after a full batch; here a batch is always one
+
+    def startReading(self) -> None:
+        self.reactor._addExclusiveReader(self)
+
+
 class KsproxyReactor(EPollReactor):
     """
     L{EPollReactor} whose poll loop dispatches events without C{log.callWithLogger}, and which sends what
@@ -212,6 +236,21 @@ class KsproxyReactor(EPollReactor):
         p = Port._fromListeningDescriptor(self, fileDescriptor, addressFamily, factory)
         p.startListening()
         return p
+
+    def adoptSharedStreamPort(self, fileDescriptor: int, addressFamily: Any, factory: Any) -> SharedPort:
+        """L{adoptStreamPort} for a listening socket shared with other processes: a L{SharedPort}."""
+        p = SharedPort._fromListeningDescriptor(self, fileDescriptor, addressFamily, factory)
+        p.startListening()
+        return p
+
+    def _addExclusiveReader(self, reader: Any) -> None:
+        fd = reader.fileno()
+        if fd not in self._reads:
+            # EPOLLEXCLUSIVE can only be given when a descriptor is added (never modified), which suits a
+            # listening socket: it is never also registered for writing.
+            self._poller.register(fd, EPOLLIN | select.EPOLLEXCLUSIVE)
+            self._reads.add(fd)
+            self._selectables[fd] = reader
 
     def _closeAtEndOfTurn(self, transport: Server) -> None:
         self._closing.append(transport)

@@ -7,7 +7,7 @@ delay, so a worker that cannot start does not spin), and passes SIGTERM on when 
 workers' own graceful drain.  Each worker is a complete ksproxy with its own source and table, accepting
 from the shared sockets.  One accept queue per port (rather than one per worker with SO_REUSEPORT) means a
 worker that dies loses no connection waiting to be accepted: the others take it.  Each worker takes one
-connection per wake-up (L{_OneAcceptPort}), so a burst of connections spreads over the workers.
+connection per wake-up (L{ksproxy.reactor.SharedPort}), so a burst of connections spreads over the workers.
 """
 
 from __future__ import annotations
@@ -69,13 +69,9 @@ def bindListening(description: str) -> socket.socket:
 
 class _OneAcceptPort(tcp.Port):
     """
-    A listening port that accepts one connection per wake-up, as nginx does with C{multi_accept off}.
-
-    Twisted accepts up to C{numberAccepts} (100 and growing) connections each time the socket is readable.
-    On a socket shared by several workers that hands a whole burst to whichever wakes first: the 50
-    keep-alive connections a client pool opens at once all landed on one worker and the other stayed idle.
-    Taking one and going back to the event loop lets every idle worker take its share, and a busy worker,
-    slower to come back, takes fewer.
+    A listening port that accepts one connection per wake-up, for reactors other than ksproxy's (which has
+    its own, L{ksproxy.reactor.SharedPort}, that also wakes only one worker per connection).  Twisted's batch
+    of up to C{numberAccepts} (100 and growing) would hand a burst to whichever worker woke first.
     """
 
     @property
@@ -101,8 +97,12 @@ class SharedSocketEndpoint:
     def listen(self, factory: protocol.Factory) -> defer.Deferred:
         try:
             fdesc.setNonBlocking(self.fd)
-            port = _OneAcceptPort._fromListeningDescriptor(self.reactor, self.fd, self.family, factory)
-            port.startListening()
+            adopt = getattr(self.reactor, "adoptSharedStreamPort", None)
+            if adopt is not None:
+                port = adopt(self.fd, self.family, factory)
+            else:
+                port = _OneAcceptPort._fromListeningDescriptor(self.reactor, self.fd, self.family, factory)
+                port.startListening()
             os.close(self.fd)  # the port holds its own duplicate, as with adoptStreamPort
         except BaseException:
             return defer.fail()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import select
 import socket
 from typing import List
 
@@ -86,3 +87,59 @@ class SharedListenerTests(TestCase):
         fd = os.dup(self.shared.fileno())
         yield self._listen(inheritedEndpoint(self.reactor, fd))
         self.assertRaises(OSError, os.fstat, fd)
+
+
+class OtherReactorTests(TestCase):
+    """On a reactor other than ksproxy's, the shared port still accepts one connection per wake-up."""
+
+    @defer.inlineCallbacks
+    def test_oneConnectionPerWakeUpOnTwistedsEpollReactor(self):  # type: ignore[no-untyped-def]
+        from twisted.internet.epollreactor import EPollReactor
+
+        other = EPollReactor()  # never run: the test calls doRead itself
+        self.addCleanup(other._poller.close)
+        shared = bindListening("tcp:0:interface=127.0.0.1")
+        self.addCleanup(shared.close)
+        made: List[int] = []
+        port = yield inheritedEndpoint(other, os.dup(shared.fileno())).listen(
+            protocol.Factory.forProtocol(lambda: _Count(made))
+        )
+        # Not stopListening: it finishes on a later turn of a reactor that never runs.
+        self.addCleanup(port.socket.close)
+        self.addCleanup(port.stopReading)
+        clients = [socket.create_connection(shared.getsockname()[:2], timeout=5) for _ in range(3)]
+        self.addCleanup(lambda: [c.close() for c in clients])
+        port.doRead()
+        self.assertEqual(len(made), 1)
+        self.assertEqual(port.numberAccepts, 1)
+
+
+class ExclusiveWakeUpTests(TestCase):
+    def test_registeredWithEpollExclusive(self) -> None:
+        """On ksproxy's reactor a new connection wakes one sleeping worker, not all (EPOLLEXCLUSIVE)."""
+        from ksproxy.reactor import KsproxyReactor
+
+        reactor = KsproxyReactor()  # never run
+        self.addCleanup(reactor._poller.close)
+        flags: List[int] = []
+        reactor._poller = _Recorder(reactor._poller, flags)
+        shared = bindListening("tcp:0:interface=127.0.0.1")
+        self.addCleanup(shared.close)
+        port = reactor.adoptSharedStreamPort(os.dup(shared.fileno()), socket.AF_INET, protocol.Factory())
+        self.assertEqual(flags, [select.EPOLLIN | select.EPOLLEXCLUSIVE])
+        self.assertIs(reactor._selectables[port.fileno()], port)
+        port.stopReading()  # unregisters: EPOLL_CTL_DEL works on an exclusive registration
+        self.assertNotIn(port.fileno(), reactor._reads)
+        port.socket.close()
+
+
+class _Recorder:
+    def __init__(self, real, flags) -> None:  # type: ignore[no-untyped-def]
+        self.real, self.flags = real, flags
+
+    def register(self, fd, flags):  # type: ignore[no-untyped-def]
+        self.flags.append(flags)
+        return self.real.register(fd, flags)
+
+    def __getattr__(self, name):  # type: ignore[no-untyped-def]
+        return getattr(self.real, name)
