@@ -74,3 +74,17 @@ def test_routesPrintsTheTable(tmp_path) -> None:  # type: ignore[no-untyped-def]
     assert code == 0
     doc = json.loads(text)
     assert [r["name"] for r in doc["routes"]] == ["good"]
+
+
+def test_missingPathSaidOnce(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The error line names the path once (it used to print "syntax: P: P: cannot read directory")."""
+    missing = tmp_path / "nonexistent"
+    code, text = run(check, missing)
+    assert code == 1
+    assert f"syntax: {missing}: cannot read directory: " in text
+    assert text.count(str(missing)) == 1
+    # /debug/routes (and `ksproxy routes`) list the same error, once too.
+    code, text = run(routes, missing)
+    assert code == 1
+    (error,) = json.loads(text)["sourceErrors"]
+    assert error.startswith(f"{missing}: cannot read directory: ") and error.count(str(missing)) == 1
