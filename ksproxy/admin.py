@@ -73,7 +73,7 @@ def describeReport(report: BuildReport, health=None) -> Dict[str, Any]:
         "conflicts": [c.message for c in report.compiled.conflicts],
         "duplicates": list(snap.duplicates),
         "skipped": list(snap.skipped),
-        "sourceErrors": [f"{e.origin}: {e.message}" for e in snap.sourceErrors],
+        "sourceErrors": [e.message for e in snap.sourceErrors],  # each starts with its path already
     }
 
 

@@ -40,7 +40,8 @@ def loadReport(path: str):  # type: ignore[no-untyped-def]
 
 def _problems(report) -> List[str]:  # type: ignore[no-untyped-def]
     snap = report.snapshot
-    out = [f"syntax: {e.origin}: {e.message}" for e in snap.sourceErrors]
+    # A SourceError's message already starts with its path (and line): do not say the path twice.
+    out = [f"syntax: {e.message}" for e in snap.sourceErrors]
     out += [f"rejected: {r.rejection}" for r in snap.records.values() if r.rejection is not None]
     out += [f"conflict: {c.message}" for c in report.compiled.conflicts]
     out += [f"duplicate: {d}" for d in snap.duplicates]

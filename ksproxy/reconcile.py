@@ -139,22 +139,25 @@ class Reconciler:
 
     def _computeInWindow(
         self, snapshot: InventorySnapshot, generation: int
-    ) -> Tuple[BuildReport, Dict[str, object]]:
+    ) -> Tuple[BuildReport, Dict[Tuple[str, str], object]]:
         with buildWindow():
             return self._compute(snapshot, generation)
 
-    def _compute(self, snapshot: InventorySnapshot, generation: int) -> Tuple[BuildReport, Dict[str, object]]:
+    def _compute(
+        self, snapshot: InventorySnapshot, generation: int
+    ) -> Tuple[BuildReport, Dict[Tuple[str, str], object]]:
         """Pure: bundle bytes, servability and the compiled table for one snapshot."""
         started = time.perf_counter()
-        bundles: Dict[str, object] = {}
+        # Keyed by (bundle name, link), never by link alone: two bundles may claim one link, and only the
+        # compile decides which one serves it; the gateway looks up the bytes of the route's own bundle.
+        bundles: Dict[Tuple[str, str], object] = {}
         refErrors: Dict[str, str] = {}
         for resource in snapshot.resources:
             if isinstance(resource, JSBundle):
                 for link, content in resolveBundle(resource, snapshot.refs).items():
                     if isinstance(content, str) and link == resource.link:
                         refErrors[resource.meta.name] = content
-                    if content is not None:
-                        bundles[link] = content
+                    bundles[(resource.meta.name, link)] = content
         unservable: Dict[Tuple[str, str], str] = {}
 
         def isServable(resource: Resource) -> Tuple[bool, str]:
@@ -177,7 +180,7 @@ class Reconciler:
         )
         return report, bundles
 
-    def _install(self, report: BuildReport, bundles: Dict[str, object], ready: bool) -> BuildReport:
+    def _install(self, report: BuildReport, bundles: Dict[Tuple[str, str], object], ready: bool) -> BuildReport:
         """On the reactor: the swap (one assignment), then the observers."""
         replaced = [self.gateway.state, self.report]
         self.generation = report.generation

@@ -34,11 +34,18 @@ def _version(bundle: JSBundle) -> object:
     return bundle
 
 
+def _contents(body: Optional[bytes], contentTypes: Tuple[bytes, ...]) -> Dict[bytes, BundleContent]:
+    return {} if body is None else {t: makeContent(body, t) for t in contentTypes}
+
+
 @attrs.define(eq=False)
 class _Fetch:
-    contentType: bytes
+    # Every type the endpoint is served under; the first is what get() without a type answers.
+    contentTypes: Tuple[bytes, ...]
     versions: FrozenSet[object]
-    content: Optional[BundleContent] = None
+    body: Optional[bytes] = None
+    # The fetched body as content of each type in contentTypes, built when it arrives (not per request).
+    contents: Dict[bytes, BundleContent] = attrs.Factory(dict)
     error: Optional[str] = None
     pending: Optional[Deferred[bytes]] = None
     timer: Any = None  # IDelayedCall for a retry or refresh
@@ -48,7 +55,7 @@ class _Fetch:
 
 class BundleFetcher:
     """
-    The content of every URL/service bundle source, by endpoint.
+    The content of every URL/service bundle source, by endpoint and content type.
 
     @param fetch: fetches the bytes at an endpoint (its C{path} included); a Deferred that fails on any
         error, and that can be cancelled.
@@ -79,36 +86,43 @@ class BundleFetcher:
         Make the set of fetched endpoints match C{bundles}: start fetching new ones, refetch those whose
         bundle changed (keeping the old copy until the new one arrives), drop those no longer used.
         """
-        wanted: Dict[Endpoint, Tuple[bytes, Set[object]]] = {}
+        wanted: Dict[Endpoint, Tuple[Dict[bytes, None], Set[object]]] = {}
         for bundle in sorted(bundles, key=lambda b: (b.link, b.meta.name)):
             for link in bundleLinks(bundle):
                 if isinstance(link.source, EndpointSource):
-                    # An endpoint used under two types (unusual) gets the first link's type.
-                    contentType, versions = wanted.setdefault(link.source.endpoint, (link.contentType, set()))
+                    # An endpoint used under two types (unusual: two bundles claiming one link, say) is fetched
+                    # once and kept as content of each type, so whichever link serves it gets its own type.
+                    types, versions = wanted.setdefault(link.source.endpoint, ({}, set()))
+                    types[link.contentType] = None
                     versions.add(_version(bundle))
 
         for endpoint in [e for e in self._entries if e not in wanted]:
             self._cancel(self._entries.pop(endpoint))
 
-        for endpoint, (contentType, versionSet) in wanted.items():
+        for endpoint, (typeSet, versionSet) in wanted.items():
             versions = frozenset(versionSet)
+            contentTypes = tuple(typeSet)
             entry = self._entries.get(endpoint)
             if entry is None:
-                entry = self._entries[endpoint] = _Fetch(contentType, versions)
+                entry = self._entries[endpoint] = _Fetch(contentTypes, versions)
                 self._start(endpoint, entry)
                 continue
-            if entry.contentType != contentType:
-                entry.contentType = contentType
-                if entry.content is not None:
-                    entry.content = makeContent(entry.content.body, contentType)
+            if entry.contentTypes != contentTypes:
+                entry.contentTypes = contentTypes
+                entry.contents = _contents(entry.body, contentTypes)
             if entry.versions != versions:
                 entry.versions = versions
                 self._start(endpoint, entry)
 
-    def get(self, endpoint: Endpoint) -> Optional[BundleContent]:
-        """The newest content fetched from C{endpoint}, or None if no fetch has succeeded yet."""
+    def get(self, endpoint: Endpoint, contentType: Optional[bytes] = None) -> Optional[BundleContent]:
+        """
+        The newest content fetched from C{endpoint} as C{contentType} (by default the first type it is used
+        under), or None if no fetch has succeeded yet or the endpoint is not used under that type.
+        """
         entry = self._entries.get(endpoint)
-        return entry.content if entry is not None else None
+        if entry is None or not entry.contentTypes:
+            return None
+        return entry.contents.get(contentType if contentType is not None else entry.contentTypes[0])
 
     def error(self, endpoint: Endpoint) -> Optional[str]:
         """Why the latest fetch from C{endpoint} failed, or None when it succeeded (or is in progress)."""
@@ -150,7 +164,8 @@ class BundleFetcher:
         if not self._current(endpoint, entry, generation):
             return
         entry.pending = None
-        entry.content = makeContent(bytes(body), entry.contentType)
+        entry.body = bytes(body)
+        entry.contents = _contents(entry.body, entry.contentTypes)
         entry.error = None
         entry.failures = 0
         if self._refreshInterval is not None:
@@ -167,7 +182,7 @@ class BundleFetcher:
             "Fetching bundle from {url} failed ({error}); {fallback}, retrying in {delay:g}s",
             url=endpoint.origin + endpoint.path,
             error=entry.error,
-            fallback="serving the last good copy" if entry.content is not None else "nothing to serve yet",
+            fallback="serving the last good copy" if entry.body is not None else "nothing to serve yet",
             delay=delay,
         )
         entry.timer = self._reactor.callLater(delay, self._start, endpoint, entry)

@@ -24,7 +24,7 @@ from ..auth import (
     stripIdentityHeaders,
     stripImpersonationHeaders,
 )
-from ..bundles import BundleContent, bundleResponse
+from ..bundles import JS_CONTENT_TYPE, BundleContent, bundleResponse, contentTypeFor
 from ..directives import RequestView, applyHeaderRules, applyRequestDirectives
 from ..http.headers import Headers
 from ..http.server import Exchange
@@ -68,7 +68,7 @@ class ServedState:
 
     def __init__(self, table, bundles, generation: int, ready: bool) -> None:
         self.table = table
-        # link -> BundleContent, or an error message when its reference does not resolve.
+        # (bundle name, link) -> BundleContent, or an error message when its reference does not resolve.
         self.bundles = bundles
         self.generation = generation
         self.ready = ready
@@ -90,7 +90,7 @@ class Gateway:
         timeouts: Timeouts = Timeouts(),
         health=None,
         gate=None,
-        fetchedBundle: Optional[Callable[[Endpoint], Optional[BundleContent]]] = None,
+        fetchedBundle: Optional[Callable[[Endpoint, bytes], Optional[BundleContent]]] = None,
         defaultUpstream: Optional[Endpoint] = None,
         defaultUpstreamHeaders: Callable[[Headers, Identity], None] | None = None,
         trustedProxies: Sequence[str] = (),
@@ -201,19 +201,25 @@ class Gateway:
             exchange.sendError(503, f"JSBundle {route.name} is not available: {route.reason}", [_RETRY_AFTER])
             return
         bundle: JSBundle = route.resource  # type: ignore[assignment]
-        link = route.matcher
-        content = state.bundles.get(link)
+        # Everything below comes from the route's own bundle (the conflict winner), never from whatever
+        # else claims the same link: its resolved bytes by (name, link), its source, its content type.
+        asset = route.asset
+        link = asset.link if asset is not None else bundle.link
+        content = state.bundles.get((bundle.meta.name, link))
         if content is None and self.fetchedBundle is not None:
-            source = _sourceForLink(bundle, link)
-            if source is not None:
-                content = self.fetchedBundle(source)
+            source = asset.source if asset is not None else bundle.source
+            if isinstance(source, EndpointSource):
+                contentType = (
+                    contentTypeFor(asset.link, asset.mimeType) if asset is not None else JS_CONTENT_TYPE
+                )
+                content = self.fetchedBundle(source.endpoint, contentType)
                 if content is None:
                     exchange.sendError(503, f"JSBundle {route.name}: content not fetched yet", [_RETRY_AFTER])
                     return
         if content is None or isinstance(content, str):
             exchange.sendError(503, f"JSBundle {route.name}: {content or 'content unavailable'}", [_RETRY_AFTER])
             return
-        code, headers, body = bundleResponse(content, exchange.method, exchange.headers, main=(link == bundle.link))
+        code, headers, body = bundleResponse(content, exchange.method, exchange.headers, main=asset is None)
         if code == 405:
             exchange.sendError(405, f"method {exchange.method.decode('latin-1')} is not allowed on a bundle", headers)
             return
@@ -408,12 +414,3 @@ def _dropUnderscoreNames(headers: Headers) -> None:
 def _isKubeAPIPath(path: RequestPath) -> bool:
     first = path.segments[0] if path.segments else ""
     return first in ("api", "apis")
-
-
-def _sourceForLink(bundle: JSBundle, link: str) -> Optional[Endpoint]:
-
-    if link == bundle.link:
-        source = bundle.source
-    else:
-        source = next((a.source for a in bundle.assets if a.link == link), None)
-    return source.endpoint if isinstance(source, EndpointSource) else None

@@ -8,9 +8,10 @@ tenth of a second, less often for very large trees (a scan costs about 10 us per
 snapshot of the directory each time something changed, so the inventory never has to reason about a partial
 update.
 
-Files are loaded all or nothing: a file with any error (YAML syntax, not UTF-8, a document that is not a
-mapping) contributes no documents and is reported with its path and line; the inventory keeps serving what
-it held.  Editors and config tools that write in place can be caught mid-write, so a change is read only once
+A file that cannot be read as a whole (YAML syntax, not UTF-8) contributes no documents and is reported with
+its path and line; the inventory keeps serving what it held.  A document that reads but is not a mapping
+(or such an item of a List) is left out on its own and reported with its path and document number; the
+file's other documents load, and what the file served before that is not among them is kept.  Editors and config tools that write in place can be caught mid-write, so a change is read only once
 a file's signature has stayed the same from one scan to the next, and a file that disappears is only
 considered deleted when it is still missing at the next scan (a rename-and-replace save briefly removes it).
 
@@ -244,20 +245,29 @@ def _yamlError(path: str, e: yaml.YAMLError) -> SourceError:
     return SourceError(path, f"{path}: {e}")
 
 
-def _expand(path: str, index: int, obj: Any) -> Tuple[List[SourceDocument], Optional[str]]:
-    """The objects of one document: itself, or the items of a List."""
+def _expand(path: str, index: int, obj: Any) -> Tuple[List[SourceDocument], List[SourceError]]:
+    """
+    The objects of one document (itself, or the items of a List), and an error for each part that is not a
+    mapping.  Only that part is left out, like a document without a name: its origin (C{path#index}) names
+    the file, so the file's other objects load and what the bad part served before is held.
+    """
+    origin = f"{path}#{index}"
     if not isinstance(obj, dict):
-        return [], f"document {index}: expected a mapping, found {type(obj).__name__}"
+        return [], [SourceError(origin, f"{path}: document {index}: expected a mapping, found {type(obj).__name__}")]
     kind = obj.get("kind")
     items = obj.get("items")
     if isinstance(kind, str) and kind.endswith("List") and isinstance(items, list):
         docs = []
+        errors = []
         for n, item in enumerate(items):
+            itemOrigin = f"{origin}.items[{n}]"
             if not isinstance(item, dict):
-                return [], f"document {index}: items[{n}]: expected a mapping, found {type(item).__name__}"
-            docs.append(SourceDocument(f"{path}#{index}.items[{n}]", item))
-        return docs, None
-    return [SourceDocument(f"{path}#{index}", obj)], None
+                message = f"{path}: document {index}: items[{n}]: expected a mapping, found {type(item).__name__}"
+                errors.append(SourceError(itemOrigin, message))
+                continue
+            docs.append(SourceDocument(itemOrigin, item))
+        return docs, errors
+    return [SourceDocument(origin, obj)], []
 
 
 def loadFile(path: str) -> Optional[Tuple[List[SourceDocument], List[SourceError]]]:
@@ -331,14 +341,14 @@ def parseData(path: str, data: bytes) -> Tuple[List[SourceDocument], List[Source
                 return [], [SourceError(path, f"{path}: nested too deeply")]
 
     docs: List[SourceDocument] = []
+    errors: List[SourceError] = []
     for index, obj in enumerate(objs, 1):
         if obj is None:
             continue
-        expanded, problem = _expand(path, index, obj)
-        if problem is not None:
-            return [], [SourceError(path, f"{path}: {problem}")]
+        expanded, problems = _expand(path, index, obj)
         docs.extend(expanded)
-    return docs, []
+        errors.extend(problems)
+    return docs, errors
 
 
 @attrs.frozen
@@ -455,7 +465,8 @@ class DirectoryScanner:
             with buildWindow():
                 docs, errors = parseData(path, data)
             digest = hashlib.sha256(data).digest()
-        hadDocs = bool(docs) if not errors else bool(state and state.hadDocs)
+        # With errors, a file may still hold objects from before (the inventory keeps them): remember that.
+        hadDocs = bool(docs) or (bool(errors) and bool(state and state.hadDocs))
         if not docs and not errors and state is not None and state.hadDocs:
             # Truncated (maybe mid-rewrite): keep its objects until it has content or is deleted.
             message = f"{path}: file is empty; still serving the objects it held until it is written again or deleted"

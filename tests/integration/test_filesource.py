@@ -128,23 +128,40 @@ class LoadTests(DirectoryMixin, SynchronousTestCase):
 
     def test_otherErrors(self) -> None:
         cases = [
-            ("a.json", '{\n  "kind": "X",\n  oops\n}', ":3: Expecting property name"),
-            ("b.yaml", "- just\n- a list\n", "document 1: expected a mapping, found list"),
-            ("c.yaml", manifest("c") + "---\nplain string\n", "document 2: expected a mapping, found str"),
-            ("d.yaml", "kind: List\nitems: [1]\n", "items[0]: expected a mapping, found int"),
-            ("e.yaml", "kind: X\nname: \xff\n", None),
+            ("a.json", '{\n  "kind": "X",\n  oops\n}', ":3: Expecting property name", ""),
+            ("b.yaml", "- just\n- a list\n", "b.yaml: document 1: expected a mapping, found list", "#1"),
+            ("c.yaml", manifest("c") + "---\nplain string\n", "c.yaml: document 2: expected a mapping, found str", "#2"),
+            ("d.yaml", "kind: List\nitems: [1]\n", "d.yaml: document 1: items[0]: expected a mapping, found int", "#1.items[0]"),
+            ("e.yaml", "kind: X\nname: \xff\n", None, ""),
         ]
-        for name, text, _ in cases[:-1]:
+        for name, text, _, _ in cases[:-1]:
             self.write(name, text)
         with open(self.path("e.yaml"), "wb") as f:
             f.write(b"kind: X\nname: \xff\n")
         docs, errors = loadDirectory(self.dir)
-        self.assertEqual(docs, [])
-        self.assertEqual([e.origin for e in errors], [self.path(name) for name, _, _ in cases])
-        for (name, _, expected), error in zip(cases, errors):
+        # Only the document that is not a mapping is left out: c.yaml's first document loads.
+        self.assertEqual([d.origin for d in docs], [self.path("c.yaml") + "#1"])
+        self.assertEqual([e.origin for e in errors], [self.path(name) + at for name, _, _, at in cases])
+        for (name, _, expected, _), error in zip(cases, errors):
             if expected:
                 self.assertIn(expected, error.message, name)
         self.assertEqual(errors[-1].message, f"{self.path('e.yaml')}:2: not UTF-8 text")
+
+    def test_nonMappingDocumentSkippedAlone(self) -> None:
+        """A list among valid documents: the others load, the list is reported by file and document number."""
+        path = self.write("t-list.yaml", manifest("a") + "---\n- just a list\n---\n" + manifest("b"))
+        docs, errors = loadDirectory(self.dir)
+        self.assertEqual([d.raw["metadata"]["name"] for d in docs], ["a", "b"])
+        (error,) = errors
+        self.assertEqual(error.origin, path + "#2")
+        self.assertEqual(error.message, f"{path}: document 2: expected a mapping, found list")
+
+    def test_listWithOneBadItem(self) -> None:
+        text = "kind: List\nitems:\n- 7\n" + "- " + manifest("a").replace("\n", "\n  ").rstrip() + "\n"
+        self.write("l.yaml", text)
+        docs, errors = loadDirectory(self.dir)
+        self.assertEqual([d.origin for d in docs], [self.path("l.yaml") + "#1.items[1]"])
+        self.assertEqual([e.origin for e in errors], [self.path("l.yaml") + "#1.items[0]"])
 
     def test_missingDirectory(self) -> None:
         missing = self.path("nope")
@@ -207,6 +224,27 @@ class ScannerTests(DirectoryMixin, SynchronousTestCase):
         os.remove(self.path("a.yaml"))
         self.assertIsNone(self.deliver())  # a save by rename briefly removes the file: not yet
         self.assertEqual(self.deliver(), ["b"])
+
+    def test_nonMappingDocumentLeavesTheRest(self) -> None:
+        """
+        A document turned into a list: the file's other documents are served (and updated); the object the
+        bad document held keeps its last good version, as for a document without a name.
+        """
+        self.write("a.yaml", manifest("a1") + "---\n" + manifest("a2"))
+        self.deliver()
+        self.write("a.yaml", manifest("a1", host="new.example") + "---\n- just a list\n")
+        self.deliver()
+        self.assertEqual(self.deliver(), ["a1", "a2"])
+        snap = self.inventory.snapshot()
+        self.assertEqual(snap.records[("APIService", "a1")].current.endpoint.host, "new.example")
+        self.assertFalse(snap.records[("APIService", "a1")].stale)
+        self.assertTrue(snap.records[("APIService", "a2")].stale)
+        (error,) = snap.sourceErrors
+        self.assertEqual(error.message, f"{self.path('a.yaml')}: document 2: expected a mapping, found list")
+        # A file that never served anything before: its valid document is served from the start.
+        self.write("b.yaml", manifest("b") + "---\n- just a list\n")
+        self.deliver()
+        self.assertEqual(self.deliver(), ["a1", "a2", "b"])
 
     def test_saveByRenameNeverDropsRoutes(self) -> None:
         """Editor-style save: the file disappears, then a new one appears under the same name."""

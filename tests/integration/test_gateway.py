@@ -245,3 +245,54 @@ class PerUpstreamTimeoutTests(TestCase):
         status, _, body = yield httpRequest(gw.port, "GET", "/slow/x")
         self.assertEqual(status, 504)
         self.assertLess(reactor.seconds() - started, 30)
+
+
+def _bundleAt(name: str, body: bytes, link: str = "/dist/demo/index.js") -> str:
+    import base64
+
+    raw = base64.b64encode(body).decode("ascii")
+    return (
+        "apiVersion: extensions.kubesphere.io/v1alpha1\nkind: JSBundle\n"
+        f"metadata: {{name: {name}}}\nspec: {{raw: {raw}}}\nstatus: {{link: {link}}}\n"
+    )
+
+
+class BundleConflictTests(TestCase):
+    """Two JSBundles on one link: the body and ETag on the wire are the conflict winner's, through changes."""
+
+    @defer.inlineCallbacks
+    def setUp(self):  # type: ignore[no-untyped-def]
+        self.gw = RunningGateway(
+            {"demo.yaml": _bundleAt("demo-inline", b"demo();"), "zconf.yaml": _bundleAt("aaa", b"hello\n")}
+        )
+        yield self.gw.start()
+        self.addCleanup(self.gw.stop)
+
+    @defer.inlineCallbacks
+    def get(self):  # type: ignore[no-untyped-def]
+        status, headers, body = yield httpRequest(self.gw.port, "GET", "/dist/demo/index.js")
+        self.assertEqual(status, 200)
+        return body, {k.lower(): v for k, v in headers}["etag"]
+
+    @defer.inlineCallbacks
+    def test_winnerBytes(self):  # type: ignore[no-untyped-def]
+        # aaa takes precedence (same age: by name), though demo-inline sorts later.
+        body, etag = yield self.get()
+        self.assertEqual(body, b"hello\n")
+        # The loser changes: nothing served changes.
+        gen = self.gw.reconciler.generation
+        self.gw.write("demo.yaml", _bundleAt("demo-inline", b"demo-v2();"))
+        yield self.gw.waitForGeneration(gen + 1)
+        self.assertEqual((yield self.get()), (body, etag))
+        # The winner goes: the loser takes over, with its own bytes and ETag.
+        gen = self.gw.reconciler.generation
+        self.gw.remove("zconf.yaml")
+        yield self.gw.waitForGeneration(gen + 1)
+        body2, etag2 = yield self.get()
+        self.assertEqual(body2, b"demo-v2();")
+        self.assertNotEqual(etag2, etag)
+        # A new loser named after the winner: still the winner's bytes.
+        gen = self.gw.reconciler.generation
+        self.gw.write("zconf.yaml", _bundleAt("other", b"other();"))
+        yield self.gw.waitForGeneration(gen + 1)
+        self.assertEqual((yield self.get()), (body2, etag2))
