@@ -429,6 +429,10 @@ class BadResponseTests(TestCase):
                 reply(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nok")
             ),
             "hugehead": ScriptedUpstream(reply(b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * 300_000 + b"\r\n\r\n")),
+            # A valid head, then a bad chunk size in the same read: nothing has reached the client yet.
+            "badchunk": ScriptedUpstream(
+                reply(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhi\r\n0\r\n\r\n")
+            ),
             "switch": ScriptedUpstream(
                 reply(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\nConnection: Upgrade\r\n\r\n")
             ),
@@ -449,6 +453,7 @@ class BadResponseTests(TestCase):
             ("garbage", "malformed response"),
             ("twocl", "malformed response"),
             ("hugehead", "malformed response"),
+            ("badchunk", "malformed response after its headers"),
             ("switch", "switched protocols without an upgrade request"),
         ]:
             status, _, body = yield httpRequest(self.gw.port, "GET", f"/{name}/x")
