@@ -358,9 +358,12 @@ class ProxyCall:
             return
         conn, self.conn = self.conn, None
         if not gotHead and not self._headSent:
-            # A reused connection that the upstream had already closed: retry once, only when that is safe.
+            malformed = reason is not None and reason.check(httptools.HttpParserError, UpstreamResponseTooLarge)
+            # A reused connection that the upstream had already closed: retry once, only when that is safe.  (A
+            # malformed answer is an answer: the upstream got the request, and would get it twice.)
             if (
-                conn is not None
+                not malformed
+                and conn is not None
                 and conn.requests > 1
                 and not self._retried
                 and self.request.method in IDEMPOTENT
@@ -374,7 +377,7 @@ class ProxyCall:
             if self.health is not None:
                 self.health.passiveFailure(self.request.endpoint.key)
             origin = self.request.endpoint.origin
-            if reason is not None and reason.check(httptools.HttpParserError, UpstreamResponseTooLarge):
+            if malformed:
                 self._error(502, f"upstream {origin} sent a malformed response: {reason.getErrorMessage()}")
             else:
                 self._error(502, f"upstream {origin} closed the connection without a response")

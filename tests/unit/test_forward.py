@@ -545,6 +545,16 @@ class StaleRetryTests(ForwardTestCase):
         self.assertStatus(502)
         self.assertEqual(len(self.pool.attempts), 1)
 
+    def test_malformedAnswerOnAReusedConnectionIsNotRetried(self) -> None:
+        """The upstream got the request and answered: garbage is a 502, not a stale connection to retry."""
+        conn, up = self.reuse()
+        self.get(b"/second")
+        conn.dataReceived(b"NOT HTTP AT ALL\r\n\r\n")
+        self.assertTrue(up.aborted)
+        self.assertStatus(502)
+        self.assertIn(b"malformed response", self.answered())
+        self.assertEqual(len(self.pool.attempts), 1)
+
     def test_freshConnectionIsNotRetried(self) -> None:
         self.get()
         conn, up = self.pool.accept()
