@@ -265,11 +265,59 @@ class ResponseHeadLimitTests(ForwardTestCase):
         conn, up = self.pool.accept()
         body = b"z" * 600_000
         conn.dataReceived(
-            b"HTTP/1.1 200 OK\r\nX-Big: " + b"h" * 100_000 + b"\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+            b"HTTP/1.1 200 OK\r\nX-Big: " + b"h" * 60_000 + b"\r\nContent-Length: %d\r\n\r\n" % len(body) + body
         )
         self.assertFalse(up.aborted)
         self.assertStatus(200)
         self.assertTrue(self.answered().endswith(body))
+
+    def test_headOverTheLimitInOneReadIs502(self) -> None:
+        """A whole oversized head in one read: never relayed, and the connection is not pooled."""
+        self.get()
+        conn, up = self.pool.accept()
+        conn.dataReceived(b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * 200_000 + b"\r\nContent-Length: 2\r\n\r\nok")
+        self.assertTrue(up.aborted)
+        self.assertStatus(502)
+        self.assertIn(b"response headers larger than 65536 bytes", self.answered())
+        self.assertNotIn(b"X-Big", self.answered())
+        self.assertEqual(self.pool.idleCount(), 0)
+
+    def test_headOverTheLimitInSocketSizedReadsIs502(self) -> None:
+        self.get()
+        conn, up = self.pool.accept()
+        data = b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * 200_000 + b"\r\nContent-Length: 2\r\n\r\nok"
+        for i in range(0, len(data), 65536):
+            if up.aborted:
+                break
+            conn.dataReceived(data[i : i + 65536])
+        self.assertTrue(up.aborted)
+        self.assertStatus(502)
+        self.assertEqual(self.pool.idleCount(), 0)
+
+    def test_manyHeadersOverTheLimitAre502(self) -> None:
+        """Counted as names plus values, not only per line: many small headers add up."""
+        self.get()
+        conn, up = self.pool.accept()
+        lines = b"".join(b"X-H%d: %s\r\n" % (i, b"v" * 100) for i in range(1000))
+        conn.dataReceived(b"HTTP/1.1 200 OK\r\n" + lines + b"Content-Length: 0\r\n\r\n")
+        self.assertTrue(up.aborted)
+        self.assertStatus(502)
+
+    def test_thePoolsLimitIsTheOneApplied(self) -> None:
+        """ksproxy run passes --max-header-bytes to the pool; its connections use it."""
+        self.pool.maxHeadBytes = 8192
+        self.get()
+        conn, up = self.pool.accept()
+        conn.dataReceived(b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * 6000 + b"\r\nContent-Length: 2\r\n\r\nok")
+        self.assertStatus(200)
+        self.assertEqual(self.pool.idleCount(), 1)
+        self.client.clear()
+        self.get()
+        conn.dataReceived(b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * 9000 + b"\r\nContent-Length: 2\r\n\r\nok")
+        self.assertTrue(up.aborted)
+        self.assertStatus(502)
+        self.assertIn(b"larger than 8192 bytes", self.answered())
+        self.assertEqual(len(self.pool.attempts), 1)  # a malformed answer is not retried
 
     def test_endlessTrailers(self) -> None:
         from ksproxy.http.upstream import MAX_RESPONSE_HEAD
