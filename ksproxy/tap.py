@@ -79,7 +79,12 @@ class RunOptions(AuthOptionsMixin, usage.Options):
         ["header-timeout", None, "30s", "Clients: time allowed to send the request headers."],
         ["keepalive-timeout", None, "2m", "Clients: idle keep-alive connections are closed after this."],
         ["drain-grace", None, "25s", "On SIGTERM: how long in-flight requests may take to finish."],
-        ["max-header-bytes", None, "65536", "Largest request header block (431 above)."],
+        [
+            "max-header-bytes",
+            None,
+            "65536",
+            "Largest request header block (431 above), and upstream response header block (502 above).",
+        ],
         ["max-url-bytes", None, "16384", "Longest request target (414 above)."],
         ["log-format", None, "text", "text, or json (one JSON object per line)."],
         [
@@ -348,7 +353,10 @@ def makeRunService(config: RunOptions, reactor) -> service.MultiService:
         return top
     if hasattr(reactor, "busyPoll"):  # the supervisor above has no traffic to wait for
         reactor.busyPoll = config["busy-poll"]
-    pool = UpstreamPool(reactor, connectTimeout=config["connect-timeout"])
+    # Upstream response heads get the same limit as client request heads.
+    pool = UpstreamPool(
+        reactor, connectTimeout=config["connect-timeout"], maxHeadBytes=config["max-header-bytes"]
+    )
     outOfBand = OutOfBandClient(reactor)
     health = HealthRegistry(reactor, httpProbe(outOfBand))
     fetcher = BundleFetcher(reactor, outOfBand.fetchBytes)

@@ -146,6 +146,7 @@ class Exchange:
         "_tunnel",
         "_continueSent",
         "_pending",
+        "_headBuf",
     )
 
     def __init__(
@@ -354,7 +355,39 @@ class Exchange:
             elif self.version != b"1.1":
                 lines.append(b"Connection: keep-alive\r\n")
         lines.append(b"\r\n")
-        self._send(b"".join(lines))
+        # Kept (one slot store, no copy) so that L{retractHead} can find it while it is still queued.
+        head = self._headBuf = b"".join(lines)
+        self._send(head)
+
+    def retractHead(self) -> bool:
+        """
+        Take back a response head that has not left yet, with whatever of the response followed it, so that the
+        handler can answer otherwise (a 502 for an upstream that failed right after its head).  The head has
+        not left while it is held by L{cork} or queued for the end of this reactor turn (the channel's outbox);
+        once it is written to the transport it has, and this returns False (the caller must L{abort}).
+        Rare path only: it scans the queued chunks.
+        """
+        head = getattr(self, "_headBuf", None)  # (unset until writeHead)
+        if head is None or self._finished or self._tunnel is not None:
+            return False
+        pending = self._pending
+        # Queued on the channel before anything still corked: a head found there takes all that is corked too.
+        for queue in (self.channel._out, pending):
+            if not queue:
+                continue
+            for i, chunk in enumerate(queue):
+                if chunk is head:
+                    del queue[i:]  # what came before it (a 100 Continue) is this exchange's too, and stands
+                    if queue is not pending and pending:
+                        del pending[:]
+                    self._headBuf = None
+                    self._headSent = False
+                    self._chunked = False
+                    self._noBody = False
+                    self.code = 0
+                    self.bytesSent = 0
+                    return True
+        return False
 
     def write(self, data: bytes) -> None:
         if self._finished or self._noBody or not data:

@@ -62,15 +62,17 @@ class IResponseSink(TypingProtocol):
         """The connection's timer (see L{UpstreamConnection.scheduleTimer}) fired: check the running limit."""
 
 
-# Larger response heads are refused (502): a client behind us would refuse them anyway, and we buffer heads.
-MAX_RESPONSE_HEAD = 256 * 1024
+# Larger response heads (and trailers, and runs of chunk framing) are refused with a 502 and the connection is
+# closed: a client behind us would refuse them anyway, and we buffer heads.  The default of the pool's limit;
+# ksproxy run sets it from --max-header-bytes, the limit on client request headers.
+MAX_RESPONSE_HEAD = 64 * 1024
 
 
 _FRAMING = frozenset([b"content-length", b"transfer-encoding"])
 
 
 class UpstreamResponseTooLarge(Exception):
-    """The upstream's response head exceeds L{MAX_RESPONSE_HEAD}."""
+    """The upstream's response head exceeds the pool's C{maxHeadBytes}."""
 
 
 class _StopParsing(Exception):
@@ -84,6 +86,8 @@ class UpstreamConnection(BatchedWriter, Protocol):
     upstream stops reading our request body) and the producer the client side pauses when the client reads
     slowly (L{pauseProducing} stops reading the response from the upstream).
     """
+
+    _maxHead = MAX_RESPONSE_HEAD  # the pool's limit, set when connected
 
     def __init__(self, pool: UpstreamPool, key: str) -> None:
         self.pool = pool
@@ -122,6 +126,7 @@ class UpstreamConnection(BatchedWriter, Protocol):
     def connectionMade(self) -> None:
         self.connected = True
         self._parser = httptools.HttpResponseParser(self)
+        self._maxHead = self.pool.maxHeadBytes  # per connection, not looked up per response
         self.transport.registerProducer(self, True)
         self._sock = directSocket(self.transport)
         noDelay(self.transport)
@@ -252,8 +257,8 @@ class UpstreamConnection(BatchedWriter, Protocol):
                 # llhttp holds a header line until it ends, so a head that never ends must be cut by its size.
                 # A head that began in this read counts from the next one (one read of slack).
                 self._headSeen = self._headSeen + len(data) if self._headSeen >= 0 else 0
-                if self._headSeen > MAX_RESPONSE_HEAD:
-                    self._fail(UpstreamResponseTooLarge(f"response headers larger than {MAX_RESPONSE_HEAD} bytes"))
+                if self._headSeen > self._maxHead:
+                    self._fail(UpstreamResponseTooLarge(f"response headers larger than {self._maxHead} bytes"))
             elif self._bodyRead:
                 self._bodyRead = False
                 self._noBodyRun = 0
@@ -261,7 +266,7 @@ class UpstreamConnection(BatchedWriter, Protocol):
                 # Reads in a row without body bytes: chunk framing, extensions or trailers, which llhttp holds
                 # while a line grows.  Bounded like a head.
                 self._noBodyRun += len(data)
-                if self._noBodyRun > MAX_RESPONSE_HEAD:
+                if self._noBodyRun > self._maxHead:
                     self._fail(UpstreamResponseTooLarge("response trailers or chunk extensions too large"))
         except httptools.HttpParserUpgrade as upgrade:
             rest = data[upgrade.args[0] :]
@@ -307,8 +312,8 @@ class UpstreamConnection(BatchedWriter, Protocol):
         if self._inBody:
             # After the body: trailers, counted here (they are rare).
             self._headBytes += len(name) + len(value) + 4
-            if self._headBytes > MAX_RESPONSE_HEAD:
-                raise UpstreamResponseTooLarge(f"response trailers larger than {MAX_RESPONSE_HEAD} bytes")
+            if self._headBytes > self._maxHead:
+                raise UpstreamResponseTooLarge(f"response trailers larger than {self._maxHead} bytes")
             if self._trailers is None:
                 self._trailers = []
             self._trailers.append((name, value.rstrip(b" \t")))
@@ -318,11 +323,12 @@ class UpstreamConnection(BatchedWriter, Protocol):
     def on_headers_complete(self) -> None:
         self._inHead = False
         self._noBodyRun = 0
-        if self._headSeen >= 0 or self._readSize > MAX_RESPONSE_HEAD:
+        maxHead = self._maxHead
+        if self._headSeen >= 0 or self._readSize > maxHead:
             # The head spanned reads (or came in one huge one): the per-read count has slack, count exactly.
             size = sum(len(item[1]) + len(item[2]) + 4 for item in self._headers)
-            if size > MAX_RESPONSE_HEAD:
-                raise UpstreamResponseTooLarge(f"response headers larger than {MAX_RESPONSE_HEAD} bytes")
+            if size > maxHead:
+                raise UpstreamResponseTooLarge(f"response headers larger than {maxHead} bytes")
         parser = self._parser
         code = parser.get_status_code()
         headers = Headers.fromItems(self._headers)
@@ -455,8 +461,11 @@ class UpstreamPool:
         maxIdlePerKey: int = 256,
         idleTimeout: float = 60.0,
         connectTimeout: float = 10.0,
+        maxHeadBytes: int = MAX_RESPONSE_HEAD,
     ) -> None:
         self.reactor = reactor
+        # The largest response head (and trailers) an upstream may send: 502 and a closed connection above.
+        self.maxHeadBytes = maxHeadBytes
         self.maxIdlePerKey = maxIdlePerKey
         self.idleTimeout = idleTimeout
         self.connectTimeout = connectTimeout

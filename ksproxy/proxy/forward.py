@@ -3,8 +3,9 @@ Forwarding one request to an upstream and streaming the answer back (SPEC 6).
 
 A L{ProxyCall} joins an L{Exchange} (the client side) to an L{UpstreamConnection}: it writes the request head,
 streams the body with backpressure both ways, relays the response (or a 101 tunnel), and maps each failure to
-the right answer: 502 when the upstream cannot be reached or answers garbage, 504 on a timeout, an aborted
-client connection when the upstream fails after the head went out.
+the right answer: 502 when the upstream cannot be reached or answers garbage (also right after a valid head,
+while nothing of the response has left for the client), 504 on a timeout, an aborted client connection when
+the upstream fails after the head went out.
 """
 
 from __future__ import annotations
@@ -357,9 +358,12 @@ class ProxyCall:
             return
         conn, self.conn = self.conn, None
         if not gotHead and not self._headSent:
-            # A reused connection that the upstream had already closed: retry once, only when that is safe.
+            malformed = reason is not None and reason.check(httptools.HttpParserError, UpstreamResponseTooLarge)
+            # A reused connection that the upstream had already closed: retry once, only when that is safe.  (A
+            # malformed answer is an answer: the upstream got the request, and would get it twice.)
             if (
-                conn is not None
+                not malformed
+                and conn is not None
                 and conn.requests > 1
                 and not self._retried
                 and self.request.method in IDEMPOTENT
@@ -373,16 +377,57 @@ class ProxyCall:
             if self.health is not None:
                 self.health.passiveFailure(self.request.endpoint.key)
             origin = self.request.endpoint.origin
-            if reason is not None and reason.check(httptools.HttpParserError, UpstreamResponseTooLarge):
+            if malformed:
                 self._error(502, f"upstream {origin} sent a malformed response: {reason.getErrorMessage()}")
             else:
                 self._error(502, f"upstream {origin} closed the connection without a response")
             return
-        # Mid-body: the client must see an incomplete response, never one that looks complete.
+        self._failAfterHead(reason)
+
+    def _failAfterHead(self, reason: Optional[Failure], timedOut: bool = False) -> None:
+        """
+        The upstream failed after its response head (malformed framing, a close before the end, silence).  If
+        nothing of the response has left for the client yet (the head is still corked or queued for the end of
+        this reactor turn), it is taken back and the client gets a 502 (504 for silence), as for a failure before
+        the head.  Otherwise the client must see an incomplete response, never one that looks complete: abort.
+        """
+        origin = self.request.endpoint.origin
+        malformed = reason is not None and reason.check(httptools.HttpParserError, UpstreamResponseTooLarge)
+        if timedOut:
+            what = "went silent"
+        elif malformed:
+            what = f"sent a malformed response after its headers: {reason.getErrorMessage()}"  # type: ignore[union-attr]
+        else:
+            what = "closed the connection before the end of its response"
+        exchange = self.exchange
+        if exchange.retractHead():
+            # Logged as such (the access log shows only the status).
+            log.warn(
+                "upstream {origin} {what}; nothing had reached the client: answered {code}",
+                origin=origin,
+                what=what,
+                code=504 if timedOut else 502,
+            )
+            if self.health is not None:
+                self.health.passiveFailure(self.request.endpoint.key)
+            if timedOut:
+                self._error(504, f"upstream {origin} did not answer in time")
+            else:
+                self._error(502, f"upstream {origin} {what}")
+            return
+        if malformed:
+            log.warn(
+                "upstream {origin} response malformed after headers ({error}): client connection aborted",
+                origin=origin,
+                error=reason.getErrorMessage(),  # type: ignore[union-attr]
+            )
         self._done = True
         self._cancelTimer()
-        self.exchange.responseProducer = None
-        self.exchange.abort()
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            conn.abort()
+        exchange.responseProducer = None
+        exchange.abort()
 
     # -- the client's read pace (the exchange's responseProducer) ------------------------------------------
 
@@ -504,9 +549,4 @@ class ProxyCall:
             self._error(504, f"upstream {self.request.endpoint.origin} did not answer in time")
         else:
             # Idle mid-stream: the response cannot be completed.
-            self._done = True
-            conn, self.conn = self.conn, None
-            if conn is not None:
-                conn.abort()
-            self.exchange.responseProducer = None
-            self.exchange.abort()
+            self._failAfterHead(None, timedOut=True)

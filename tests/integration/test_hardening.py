@@ -293,6 +293,8 @@ class LimitTests(_GatewayCase):
             + b"\r\nConnection: close\r\n\r\n",
         )
         self.assertTrue(data.startswith(b"HTTP/1.1 200"), data[:200])
+        # Upstream response heads get the same limit (502 above it).
+        self.assertEqual(self.gw.service.pool.maxHeadBytes, 8192)
 
 
 # (target, expected code, which upstream: "app", "admin" or None, path the upstream sees)

@@ -265,11 +265,59 @@ class ResponseHeadLimitTests(ForwardTestCase):
         conn, up = self.pool.accept()
         body = b"z" * 600_000
         conn.dataReceived(
-            b"HTTP/1.1 200 OK\r\nX-Big: " + b"h" * 100_000 + b"\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+            b"HTTP/1.1 200 OK\r\nX-Big: " + b"h" * 60_000 + b"\r\nContent-Length: %d\r\n\r\n" % len(body) + body
         )
         self.assertFalse(up.aborted)
         self.assertStatus(200)
         self.assertTrue(self.answered().endswith(body))
+
+    def test_headOverTheLimitInOneReadIs502(self) -> None:
+        """A whole oversized head in one read: never relayed, and the connection is not pooled."""
+        self.get()
+        conn, up = self.pool.accept()
+        conn.dataReceived(b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * 200_000 + b"\r\nContent-Length: 2\r\n\r\nok")
+        self.assertTrue(up.aborted)
+        self.assertStatus(502)
+        self.assertIn(b"response headers larger than 65536 bytes", self.answered())
+        self.assertNotIn(b"X-Big", self.answered())
+        self.assertEqual(self.pool.idleCount(), 0)
+
+    def test_headOverTheLimitInSocketSizedReadsIs502(self) -> None:
+        self.get()
+        conn, up = self.pool.accept()
+        data = b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * 200_000 + b"\r\nContent-Length: 2\r\n\r\nok"
+        for i in range(0, len(data), 65536):
+            if up.aborted:
+                break
+            conn.dataReceived(data[i : i + 65536])
+        self.assertTrue(up.aborted)
+        self.assertStatus(502)
+        self.assertEqual(self.pool.idleCount(), 0)
+
+    def test_manyHeadersOverTheLimitAre502(self) -> None:
+        """Counted as names plus values, not only per line: many small headers add up."""
+        self.get()
+        conn, up = self.pool.accept()
+        lines = b"".join(b"X-H%d: %s\r\n" % (i, b"v" * 100) for i in range(1000))
+        conn.dataReceived(b"HTTP/1.1 200 OK\r\n" + lines + b"Content-Length: 0\r\n\r\n")
+        self.assertTrue(up.aborted)
+        self.assertStatus(502)
+
+    def test_thePoolsLimitIsTheOneApplied(self) -> None:
+        """ksproxy run passes --max-header-bytes to the pool; its connections use it."""
+        self.pool.maxHeadBytes = 8192
+        self.get()
+        conn, up = self.pool.accept()
+        conn.dataReceived(b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * 6000 + b"\r\nContent-Length: 2\r\n\r\nok")
+        self.assertStatus(200)
+        self.assertEqual(self.pool.idleCount(), 1)
+        self.client.clear()
+        self.get()
+        conn.dataReceived(b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * 9000 + b"\r\nContent-Length: 2\r\n\r\nok")
+        self.assertTrue(up.aborted)
+        self.assertStatus(502)
+        self.assertIn(b"larger than 8192 bytes", self.answered())
+        self.assertEqual(len(self.pool.attempts), 1)  # a malformed answer is not retried
 
     def test_endlessTrailers(self) -> None:
         from ksproxy.http.upstream import MAX_RESPONSE_HEAD
@@ -545,6 +593,16 @@ class StaleRetryTests(ForwardTestCase):
         self.assertStatus(502)
         self.assertEqual(len(self.pool.attempts), 1)
 
+    def test_malformedAnswerOnAReusedConnectionIsNotRetried(self) -> None:
+        """The upstream got the request and answered: garbage is a 502, not a stale connection to retry."""
+        conn, up = self.reuse()
+        self.get(b"/second")
+        conn.dataReceived(b"NOT HTTP AT ALL\r\n\r\n")
+        self.assertTrue(up.aborted)
+        self.assertStatus(502)
+        self.assertIn(b"malformed response", self.answered())
+        self.assertEqual(len(self.pool.attempts), 1)
+
     def test_freshConnectionIsNotRetried(self) -> None:
         self.get()
         conn, up = self.pool.accept()
@@ -649,3 +707,131 @@ class CancelledBeforeSentTests(ForwardTestCase):
         self.assertStatus(400, client)
         self.assertEqual(sock.sent, [])
         self.assertEqual(wire.value().count(b"DELETE"), 0)
+
+
+class FailureRightAfterTheHeadTests(ForwardTestCase):
+    """
+    An upstream that fails right after a valid head (a bad chunk size, a close): while nothing of the response
+    has left for the client (the head is corked for the rest of the upstream read, or queued for the end of the
+    reactor turn) the client gets a 502, logged as one; once the head is written, aborting is all that is left.
+    """
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.logged: List[Tuple[object, bool]] = []
+        self.factory.accessLog = lambda exchange, aborted: self.logged.append((exchange.code, aborted))
+        from twisted.logger import globalLogPublisher
+
+        self.warnings: List[str] = []
+
+        def observe(event: dict) -> None:
+            if event.get("log_namespace") == "ksproxy.proxy.forward":
+                from twisted.logger import formatEvent
+
+                self.warnings.append(formatEvent(event))
+
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
+
+    def queueClientWrites(self, client: Wire):  # type: ignore[no-untyped-def]
+        """Make C{client} a plain-socket connection as in production: its writes wait for the turn's end."""
+        from ksproxy.http.writes import outbox
+
+        from .test_writethrough import FakeSocket
+
+        sock = FakeSocket()
+        client.reactor = self.clock  # type: ignore[attr-defined]
+        client.dataBuffer, client._tempDataLen, client._writeDisconnected = b"", 0, False  # type: ignore[attr-defined]
+        client.connected = True
+        client.protocol._sock = sock  # type: ignore[union-attr]
+
+        def forget() -> None:
+            while client.protocol in outbox.owners:  # type: ignore[union-attr]
+                outbox.owners.remove(client.protocol)  # type: ignore[union-attr]
+
+        self.addCleanup(forget)
+        return sock
+
+    def test_badChunkSizeInTheHeadsReadIs502(self) -> None:
+        self.get(b"/evil/x")
+        conn, up = self.pool.accept()
+        conn.dataReceived(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhi\r\n0\r\n\r\n")
+        self.assertTrue(up.aborted)
+        self.assertStatus(502)
+        self.assertEqual(self.answered().count(b"HTTP/1.1"), 1)  # the 200 never left
+        self.assertIn(b"malformed response after its headers", self.answered())
+        self.assertFalse(self.client.aborted)
+        self.assertEqual(self.logged, [(502, False)])
+        self.assertEqual(self.health.events, ["ok", "fail"])
+        [warning] = self.warnings
+        self.assertIn("nothing had reached the client: answered 502", warning)
+        # The client connection is still good for its next request.
+        self.get()
+        conn2, _ = self.pool.accept()
+        conn2.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        self.assertTrue(self.answered().endswith(b"\r\n\r\nok"))
+
+    def test_bodyBytesBeforeTheBadChunkAreTakenBackToo(self) -> None:
+        self.get()
+        conn, up = self.pool.accept()
+        conn.dataReceived(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\nzz\r\n")
+        self.assertStatus(502)
+        self.assertNotIn(b"ok\r\n", self.answered().split(b"\r\n\r\n", 1)[1])
+        self.assertEqual(self.logged, [(502, False)])
+
+    def test_headQueuedForTheTurnsEndIsTakenBack(self) -> None:
+        """Two upstream reads in one turn (TLS records): the head left the cork but not the process."""
+        from ksproxy.http.writes import outbox
+
+        sock = self.queueClientWrites(self.client)
+        self.get()
+        conn, up = self.pool.accept()
+        conn.dataReceived(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n")
+        conn.dataReceived(b"zz\r\n")
+        outbox.flush()  # the end of the turn
+        sent = b"".join(sock.sent)
+        self.assertTrue(sent.startswith(b"HTTP/1.1 502 "), sent)
+        self.assertEqual(sent.count(b"HTTP/1.1"), 1)
+        self.assertEqual(self.logged, [(502, False)])
+
+    def test_closeRightAfterTheHeadIs502(self) -> None:
+        sock = self.queueClientWrites(self.client)
+        self.get()
+        conn, up = self.pool.accept()
+        conn.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n")
+        up.lose(Failure(ConnectionLost()))
+        from ksproxy.http.writes import outbox
+
+        outbox.flush()
+        sent = b"".join(sock.sent)
+        self.assertTrue(sent.startswith(b"HTTP/1.1 502 "), sent)
+        self.assertIn(b"closed the connection before the end of its response", sent)
+        self.assertEqual(self.logged, [(502, False)])
+
+    def test_afterTheHeadLeftTheClientIsAborted(self) -> None:
+        self.get()
+        conn, up = self.pool.accept()
+        conn.dataReceived(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        self.assertStatus(200)  # written to the transport
+        conn.dataReceived(b"zz\r\n")
+        self.assertTrue(up.aborted)
+        self.assertTrue(self.client.aborted)
+        self.assertEqual(self.answered().count(b"HTTP/1.1"), 1)
+        self.assertEqual(self.logged, [(200, True)])
+        [warning] = self.warnings
+        self.assertIn("response malformed after headers", warning)
+        self.assertIn("client connection aborted", warning)
+
+    def test_afterTheHeadWasSentOnTheSocketTheClientIsAborted(self) -> None:
+        from ksproxy.http.writes import outbox
+
+        sock = self.queueClientWrites(self.client)
+        self.get()
+        conn, up = self.pool.accept()
+        conn.dataReceived(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        outbox.flush()  # a turn ends between the two reads
+        conn.dataReceived(b"zz\r\n")
+        outbox.flush()
+        self.assertTrue(self.client.aborted)
+        self.assertEqual(b"".join(sock.sent).count(b"HTTP/1.1"), 1)
+        self.assertEqual(self.logged, [(200, True)])
