@@ -41,6 +41,7 @@ log = Logger()
 _PAUSE_BODY = 1  # the handler cannot take more request body right now
 _PAUSE_PIPELINE = 2  # a pipelined request waits for the one before it to finish
 _PAUSE_TUNNEL = 4  # the tunnel peer is congested
+_PAUSE_END = 8  # nothing more is read: the connection ends after the responses in progress (_endAfter)
 
 _JSON = b"application/json"
 _FRAMING = frozenset([b"host", b"transfer-encoding", b"content-length", b"expect"])
@@ -320,8 +321,10 @@ class Exchange:
         self.code = code
         channel = self.channel
         if channel._closing:
-            # The server is draining: this is the last response on this connection.
-            self.keepAlive = False
+            # The server is draining: this is the last response on this connection.  Not when a rejection is
+            # to follow the responses in progress (L{HTTPServerProtocol._endAfter}).
+            if channel._endAfter is None:
+                self.keepAlive = False
         if self.method == b"HEAD" or code in (204, 304) or 100 <= code < 200:
             noBody = True
         self._noBody = noBody
@@ -473,6 +476,9 @@ class HTTPServerProtocol(BatchedWriter, Protocol):
     _linger = None  # the closing grace timer: a TLS close_notify, or a lingering close
     _lingerSince = 0.0
     _lingerLast = 0.0  # when bytes last arrived during a lingering close
+    # The connection ends once the requests in progress are answered (reading has stopped), with this
+    # rejection (code, message) written then: a bad request came behind them.  None otherwise.
+    _endAfter: Optional[Tuple[int, str]] = None
 
     def __init__(self, factory: HTTPServerFactory) -> None:
         self.factory = factory
@@ -698,25 +704,45 @@ class HTTPServerProtocol(BatchedWriter, Protocol):
         self._reject(500, "internal error")
 
     def _reject(self, code: int, message: str) -> None:
-        """A request we cannot parse: answer if we can, then close (the byte stream is no longer trustworthy)."""
+        """
+        A request we cannot parse: answer, then close (the byte stream is no longer trustworthy).  Requests in
+        front of it that are still being answered are answered first (responses go in request order): the
+        rejection waits for them (L{_endAfter}), and nothing more is read or dispatched meanwhile.
+        """
         if self._closing and self._current is None and self._parsing is None:
             # Already closing with its last answer out (the rest of a read that ended the connection): nothing
             # more may be written.
             return
-        self._closing = True
         current = self._current
-        if current is not None and current._headSent:
-            if current is self._parsing:
-                # Its own body is malformed while its response streams: cut both sides.
-                self._cancel(current)
-                self._out = []  # queued bytes must not follow an abort
-                self.transport.abortConnection()
-            else:
-                # An earlier request is still being answered: let it finish; the connection closes after it.
-                self._pause(_PAUSE_PIPELINE)
-            return
+        parsing = self._parsing
+        if parsing is not None:
+            # The bad bytes are in this request's body: it is the one rejected.
+            self._parsing = None
+            if parsing is current:
+                if current._headSent:
+                    # Its response already streams: cut both sides.
+                    self._closing = True
+                    self._cancel(current)
+                    self._out = []  # queued bytes must not follow an abort
+                    self.transport.abortConnection()
+                    return
+                current = None
+            elif parsing in self._queue:
+                self._queue.remove(parsing)
+            self._cancel(parsing)
+        self._closing = True
+        self._lastRead = True  # nothing after the bad bytes is parsed
         if current is not None:
-            self._cancel(current)
+            # An earlier request is still being answered: the rejection goes out after it (and after any
+            # queued behind it), then the connection closes (L{_afterExchange}).  Its own timeouts bound the wait.
+            self._endAfter = (code, message)
+            self._pause(_PAUSE_END)
+            return
+        self._writeRejection(code, message)
+
+    def _writeRejection(self, code: int, message: str) -> None:
+        """Write a rejection's Status answer, then close, lingering: the client may be sending more."""
+        self._current = None
         body = statusBody(code, message)
         flushOut(self)
         self.transport.writeSequence(
@@ -899,6 +925,14 @@ class HTTPServerProtocol(BatchedWriter, Protocol):
             return
         stillSending = exchange is self._parsing and not exchange._bodyDone
         if not exchange.keepAlive or exchange._tunnel is not None or self._closing and not self._queue:
+            end = self._endAfter
+            if end is not None:
+                # The last response before the end: write the rejection that waited for it.
+                if exchange.keepAlive:
+                    self._writeRejection(*end)
+                else:
+                    self.loseConnection(linger=True)  # (draining: that response was the last)
+                return
             self.loseConnection(linger=stillSending)
             return
         if stillSending and exchange._consumer is not _DISCARD:
