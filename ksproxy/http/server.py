@@ -23,7 +23,7 @@ from typing import Protocol as TypingProtocol
 
 import attrs
 import httptools
-from twisted.internet.interfaces import IProtocolNegotiationFactory, IPushProducer
+from twisted.internet.interfaces import IHalfCloseableProtocol, IProtocolNegotiationFactory, IPushProducer
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -321,9 +321,11 @@ class Exchange:
         self.code = code
         channel = self.channel
         if channel._closing:
-            # The server is draining: this is the last response on this connection.  Not when a rejection is
-            # to follow the responses in progress (L{HTTPServerProtocol._endAfter}).
-            if channel._endAfter is None:
+            # The server is draining: this is the last response on this connection.  Unless the connection
+            # ends after the responses in progress (L{HTTPServerProtocol._endAfter}): then only the last of
+            # them says so, and not when a rejection is still to follow it.
+            end = channel._endAfter
+            if end is None or end is _AT_EOF and not channel._queue:
                 self.keepAlive = False
         if self.method == b"HEAD" or code in (204, 304) or 100 <= code < 200:
             noBody = True
@@ -439,8 +441,11 @@ class _Discard:
 
 _DISCARD = _Discard()
 
+# L{HTTPServerProtocol._endAfter} when the client sent its FIN: close after the responses in progress.
+_AT_EOF = (0, "")
 
-@implementer(IPushProducer)
+
+@implementer(IPushProducer, IHalfCloseableProtocol)
 class HTTPServerProtocol(BatchedWriter, Protocol):
     """One client connection: parse requests, hand them to the handler, write responses in order."""
 
@@ -476,8 +481,9 @@ class HTTPServerProtocol(BatchedWriter, Protocol):
     _linger = None  # the closing grace timer: a TLS close_notify, or a lingering close
     _lingerSince = 0.0
     _lingerLast = 0.0  # when bytes last arrived during a lingering close
-    # The connection ends once the requests in progress are answered (reading has stopped), with this
-    # rejection (code, message) written then: a bad request came behind them.  None otherwise.
+    # The connection ends once the requests in progress are answered (reading has stopped): with a rejection
+    # to write then, (code, message), for a bad request that came behind them; or L{_AT_EOF}, the client's
+    # FIN.  None otherwise.
     _endAfter: Optional[Tuple[int, str]] = None
 
     def __init__(self, factory: HTTPServerFactory) -> None:
@@ -533,6 +539,9 @@ class HTTPServerProtocol(BatchedWriter, Protocol):
         if self._h2 is not None:
             self._h2.connectionLost(reason)
             return
+        self._cancelAll()
+
+    def _cancelAll(self) -> None:
         pending = [e for e in (self._current, self._parsing, *self._queue) if e is not None]
         self._current = self._parsing = None
         self._queue = []
@@ -564,6 +573,43 @@ class HTTPServerProtocol(BatchedWriter, Protocol):
 
     def stopProducing(self) -> None:
         pass
+
+    # IHalfCloseableProtocol (plain TCP; a TLS connection's FIN still arrives as connectionLost).  Without it
+    # Twisted closes the socket at the client's FIN, and whatever was still to be written (a rejection, an
+    # answer in the transport's buffer) is lost.
+
+    def readConnectionLost(self) -> None:
+        """
+        The client sent its FIN (C{shutdown(SHUT_WR)}, C{nc -N}): it sends nothing more.  Requests it sent in
+        full are still answered, then the connection closes (as HAProxy does); one it did not finish is
+        cancelled.  A client that closed both ways is found out when a write to it fails.
+        """
+        if self._gone:
+            return
+        if self._linger is not None:
+            # We closed our side (a lingering close, a TLS grace) and waited for this: close once flushed.
+            self.transport.loseConnection()
+            return
+        if self._h2 is not None or self._tunnelled is not None or self._parsing is not None:
+            # A tunnel ends with the client's side, as before; so does a request whose body will never be
+            # complete (the client gave up on it): cancelled, and the upstream request with it.
+            self._closing = True
+            self._cancelAll()
+            self.loseConnection()
+            return
+        if self._current is None:
+            # Nothing in progress (a partial head is dropped).
+            self.loseConnection()
+            return
+        if self._endAfter is None:
+            # No more requests: answer those in progress, then close (L{_afterExchange}).
+            self._endAfter = _AT_EOF
+            self._closing = True
+            self._lastRead = True
+            self._pause(_PAUSE_END)  # (else a resumed transport would read the EOF again)
+
+    def writeConnectionLost(self) -> None:
+        """Our FIN is out (a lingering close): we read on until the client closes (L{readConnectionLost})."""
 
 
     def loseConnection(self, linger: bool = False) -> None:
@@ -927,11 +973,12 @@ class HTTPServerProtocol(BatchedWriter, Protocol):
         if not exchange.keepAlive or exchange._tunnel is not None or self._closing and not self._queue:
             end = self._endAfter
             if end is not None:
-                # The last response before the end: write the rejection that waited for it.
-                if exchange.keepAlive:
+                # The last response before the end: write the rejection that waited for it, or (the client's
+                # FIN) just close.
+                if end is not _AT_EOF and exchange.keepAlive:
                     self._writeRejection(*end)
                 else:
-                    self.loseConnection(linger=True)  # (draining: that response was the last)
+                    self.loseConnection(linger=end is not _AT_EOF)
                 return
             self.loseConnection(linger=stillSending)
             return

@@ -1,15 +1,17 @@
 """
 How a client connection ends, on real sockets through a whole gateway: a bad request pipelined behind good ones
-(the good ones are answered first, in order, then the rejection).
+(the good ones are answered first, in order, then the rejection), and a client that half-closes after sending
+(shutdown(SHUT_WR), as ``nc -N`` does: what it sent in full is answered, rejections included).
 """
 
 from __future__ import annotations
 
 import json
 import re
+import socket
 from typing import List, Tuple
 
-from twisted.internet import defer, reactor
+from twisted.internet import defer, reactor, threads
 from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
@@ -18,7 +20,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from ksproxy.http.server import LINGER_TOTAL, HTTPServerFactory, ServerLimits
 from tests.integration.gateway import RunningGateway
 from tests.integration.wire import listen, splitResponse
-from tests.util import rawRequest
+from tests.util import CLIENT_TIMEOUT, rawRequest
 
 MANIFESTS = """
 apiVersion: extensions.kubesphere.io/v1alpha1
@@ -34,7 +36,11 @@ spec:
 GET1 = b"GET /proxy/app/1 HTTP/1.1\r\nHost: a\r\n\r\n"
 GET2 = b"GET /proxy/app/2 HTTP/1.1\r\nHost: a\r\n\r\n"
 BIG_HEADER = b"GET /proxy/app/x HTTP/1.1\r\nHost: a\r\nX-Big: " + b"b" * 70000 + b"\r\n\r\n"
+CL_TE = b"POST /proxy/app/a HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
 TWO_CLS = b"POST /proxy/app/a HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd"
+CHUNKED_POST = (
+    b"POST /proxy/app/post HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+)
 
 
 def responses(data: bytes) -> List[Tuple[int, dict, bytes]]:
@@ -46,6 +52,26 @@ def responses(data: bytes) -> List[Tuple[int, dict, bytes]]:
         out.append((int(status.split()[1]), headers, rest[:length]))
         data = rest[length:]
     return out
+
+
+def _halfClosed(port: int, data: bytes) -> bytes:
+    """Send C{data}, then shutdown(SHUT_WR) as ``nc -N`` does, and read until the server closes."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=CLIENT_TIMEOUT)
+    try:
+        s.sendall(data)
+        s.shutdown(socket.SHUT_WR)
+        chunks = []
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                return b"".join(chunks)
+            chunks.append(chunk)
+    finally:
+        s.close()
+
+
+def halfClosed(port: int, data: bytes) -> defer.Deferred[bytes]:
+    return threads.deferToThread(_halfClosed, port, data)
 
 
 class _Case(TestCase):
@@ -97,6 +123,47 @@ class PipelinedRejectionTests(_Case):
         data = yield rawRequest(self.gw.port, GET1 + bad)
         self.assertAnswers(data, [200, 400])
         self.assertEqual([r.target for r in self.app.requests], [b"/1"])
+
+
+class HalfCloseTests(_Case):
+    """The client sends, then shutdown(SHUT_WR): every complete request and every rejection gets its answer."""
+
+    @defer.inlineCallbacks
+    def test_rejectionsAreAnswered(self):  # type: ignore[no-untyped-def]
+        for raw, code in [(CL_TE, 400), (TWO_CLS, 400), (BIG_HEADER, 431), (b"GARBAGE\r\n\r\n", 400)]:
+            data = yield halfClosed(self.gw.port, raw)
+            self.assertAnswers(data, [code])
+        self.assertEqual(self.app.requests, [])
+
+    @defer.inlineCallbacks
+    def test_aProxiedRequestIsAnswered(self):  # type: ignore[no-untyped-def]
+        for raw, body in [(GET1, b"GET /1 0"), (CHUNKED_POST, b"POST /post 5")]:
+            data = yield halfClosed(self.gw.port, raw)
+            got = self.assertAnswers(data, [200])
+            self.assertEqual(got[0][2], body)
+
+    @defer.inlineCallbacks
+    def test_aLocalAnswerIsAnswered(self):  # type: ignore[no-untyped-def]
+        data = yield halfClosed(self.gw.port, b"GET /nowhere HTTP/1.1\r\nHost: a\r\n\r\n")
+        self.assertAnswers(data, [404])
+
+    @defer.inlineCallbacks
+    def test_pipelinedThenHalfClosed(self):  # type: ignore[no-untyped-def]
+        data = yield halfClosed(self.gw.port, GET1 + GET2 + b"GET /nowhere HTTP/1.1\r\nHost: a\r\n\r\n")
+        self.assertAnswers(data, [200, 200, 404])
+        data = yield halfClosed(self.gw.port, GET1 + b"GARBAGE\r\n\r\n")
+        self.assertAnswers(data, [200, 400])
+
+    @defer.inlineCallbacks
+    def test_anUnfinishedRequestIsDropped(self):  # type: ignore[no-untyped-def]
+        """A body that will never be complete: no answer, and the upstream never sees a complete request."""
+        data = yield halfClosed(
+            self.gw.port, b"POST /proxy/app/p HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\nabc"
+        )
+        self.assertEqual(data, b"")
+        data = yield halfClosed(self.gw.port, b"GET /proxy/app/p HTTP/1.1\r\nHo")
+        self.assertEqual(data, b"")
+        self.assertEqual([r for r in self.app.requests if r.complete], [])
 
 
 # -- the engine alone, on a StringTransport and a Clock -------------------------------------------------------
@@ -207,3 +274,56 @@ class EngineEndingTests(SynchronousTestCase):
         self.assertTrue(transport.writeClosed)
         self.clock.advance(LINGER_TOTAL)
         self.assertTrue(transport.aborted)  # the lingering close has its own end
+
+    def test_finAfterACompleteRequest(self) -> None:
+        """It is answered (its head saying close), then the connection closes."""
+        proto, transport = self.connect()
+        proto.dataReceived(b"GET /1 HTTP/1.1\r\nHost: a\r\n\r\n")
+        proto.readConnectionLost()
+        self.assertFalse(transport.disconnecting)
+        _answer(self.handler.exchanges[0])
+        status, headers, body = splitResponse(transport.value())
+        self.assertEqual((status, headers[b"connection"], body), (b"HTTP/1.1 200 OK", [b"close"], b"ok"))
+        self.assertTrue(transport.disconnecting)
+        self.assertFalse(transport.aborted)
+        self.assertEqual([aborted for _, aborted in self.logged], [False])
+
+    def test_finAfterTheHeadWentOut(self) -> None:
+        proto, transport = self.connect()
+        proto.dataReceived(b"GET /1 HTTP/1.1\r\nHost: a\r\n\r\n")
+        exchange = self.handler.exchanges[0]
+        exchange.writeHead(200, [], length=2)
+        proto.readConnectionLost()
+        exchange.write(b"ok")
+        exchange.finish()
+        self.assertTrue(transport.value().endswith(b"\r\n\r\nok"))
+        self.assertTrue(transport.disconnecting)
+
+    def test_finMidBodyCancels(self) -> None:
+        proto, transport = self.connect()
+        proto.dataReceived(b"POST /1 HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\nabc")
+        gone = []
+        self.handler.exchanges[0].onClientGone = lambda: gone.append(True)
+        proto.readConnectionLost()
+        self.assertEqual(gone, [True])
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(transport.value(), b"")
+        self.assertEqual([aborted for _, aborted in self.logged], [True])
+
+    def test_finWhenIdleOrMidHeadCloses(self) -> None:
+        for data in [b"", b"GET /1 HTTP/1.1\r\nHo"]:
+            proto, transport = self.connect()
+            proto.dataReceived(data)
+            proto.readConnectionLost()
+            self.assertTrue(transport.disconnecting)
+            self.assertEqual(transport.value(), b"")
+            self.assertEqual(self.handler.exchanges, [])
+
+    def test_finWhileLingeringCloses(self) -> None:
+        proto, transport = self.connect()
+        proto.dataReceived(b"GARBAGE\r\n\r\n")
+        self.assertTrue(transport.writeClosed)
+        self.assertFalse(transport.disconnecting)
+        proto.readConnectionLost()
+        self.assertTrue(transport.disconnecting)
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 400 "))
