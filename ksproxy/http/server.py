@@ -798,7 +798,7 @@ class HTTPServerProtocol(BatchedWriter, Protocol):
                 body,
             ]
         )
-        self.factory._logRejected(self, code, message)
+        self.factory._logRejected(self, code, message, len(body))
         self.loseConnection(linger=True)
 
     def _cancel(self, exchange: Exchange) -> None:
@@ -1222,10 +1222,11 @@ class HTTPServerFactory(Factory):
         if self.accessLog is not None:
             self.accessLog(exchange, aborted)
 
-    def _logRejected(self, proto: HTTPServerProtocol, code: int, message: str) -> None:
+    def _logRejected(self, proto: HTTPServerProtocol, code: int, message: str, bodyBytes: int = 0) -> None:
         if self.accessLog is not None:
             exchange = Exchange(proto, b"-", b"-", b"1.1", Headers(), False, False, False, self.clock.seconds())
             exchange.code = code
+            exchange.bytesSent = bodyBytes  # as for any response: the body bytes written
             exchange.route = "rejected: " + message
             self.accessLog(exchange, False)
 

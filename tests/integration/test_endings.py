@@ -275,6 +275,14 @@ class EngineEndingTests(SynchronousTestCase):
         self.clock.advance(LINGER_TOTAL)
         self.assertTrue(transport.aborted)  # the lingering close has its own end
 
+    def test_aRejectionLogsTheBytesItWrote(self) -> None:
+        proto, transport = self.connect()
+        proto.dataReceived(b"GARBAGE\r\n\r\n")
+        [(exchange, aborted)] = self.logged
+        body = transport.value().partition(b"\r\n\r\n")[2]
+        self.assertEqual((exchange.code, exchange.bytesSent, aborted), (400, len(body), False))
+        self.assertGreater(len(body), 0)
+
     def test_finAfterACompleteRequest(self) -> None:
         """It is answered (its head saying close), then the connection closes."""
         proto, transport = self.connect()
