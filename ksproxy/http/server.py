@@ -23,7 +23,7 @@ from typing import Protocol as TypingProtocol
 
 import attrs
 import httptools
-from twisted.internet.interfaces import IProtocolNegotiationFactory, IPushProducer
+from twisted.internet.interfaces import IHalfCloseableProtocol, IProtocolNegotiationFactory, IPushProducer
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -41,6 +41,7 @@ log = Logger()
 _PAUSE_BODY = 1  # the handler cannot take more request body right now
 _PAUSE_PIPELINE = 2  # a pipelined request waits for the one before it to finish
 _PAUSE_TUNNEL = 4  # the tunnel peer is congested
+_PAUSE_END = 8  # nothing more is read: the connection ends after the responses in progress (_endAfter)
 
 _JSON = b"application/json"
 _FRAMING = frozenset([b"host", b"transfer-encoding", b"content-length", b"expect"])
@@ -321,8 +322,12 @@ class Exchange:
         self.code = code
         channel = self.channel
         if channel._closing:
-            # The server is draining: this is the last response on this connection.
-            self.keepAlive = False
+            # The server is draining: this is the last response on this connection.  Unless the connection
+            # ends after the responses in progress (L{HTTPServerProtocol._endAfter}): then only the last of
+            # them says so, and not when a rejection is still to follow it.
+            end = channel._endAfter
+            if end is None or end is _AT_EOF and not channel._queue:
+                self.keepAlive = False
         if self.method == b"HEAD" or code in (204, 304) or 100 <= code < 200:
             noBody = True
         self._noBody = noBody
@@ -469,8 +474,11 @@ class _Discard:
 
 _DISCARD = _Discard()
 
+# L{HTTPServerProtocol._endAfter} when the client sent its FIN: close after the responses in progress.
+_AT_EOF = (0, "")
 
-@implementer(IPushProducer)
+
+@implementer(IPushProducer, IHalfCloseableProtocol)
 class HTTPServerProtocol(BatchedWriter, Protocol):
     """One client connection: parse requests, hand them to the handler, write responses in order."""
 
@@ -506,6 +514,10 @@ class HTTPServerProtocol(BatchedWriter, Protocol):
     _linger = None  # the closing grace timer: a TLS close_notify, or a lingering close
     _lingerSince = 0.0
     _lingerLast = 0.0  # when bytes last arrived during a lingering close
+    # The connection ends once the requests in progress are answered (reading has stopped): with a rejection
+    # to write then, (code, message), for a bad request that came behind them; or L{_AT_EOF}, the client's
+    # FIN.  None otherwise.
+    _endAfter: Optional[Tuple[int, str]] = None
 
     def __init__(self, factory: HTTPServerFactory) -> None:
         self.factory = factory
@@ -560,6 +572,9 @@ class HTTPServerProtocol(BatchedWriter, Protocol):
         if self._h2 is not None:
             self._h2.connectionLost(reason)
             return
+        self._cancelAll()
+
+    def _cancelAll(self) -> None:
         pending = [e for e in (self._current, self._parsing, *self._queue) if e is not None]
         self._current = self._parsing = None
         self._queue = []
@@ -591,6 +606,43 @@ class HTTPServerProtocol(BatchedWriter, Protocol):
 
     def stopProducing(self) -> None:
         pass
+
+    # IHalfCloseableProtocol (plain TCP; a TLS connection's FIN still arrives as connectionLost).  Without it
+    # Twisted closes the socket at the client's FIN, and whatever was still to be written (a rejection, an
+    # answer in the transport's buffer) is lost.
+
+    def readConnectionLost(self) -> None:
+        """
+        The client sent its FIN (C{shutdown(SHUT_WR)}, C{nc -N}): it sends nothing more.  Requests it sent in
+        full are still answered, then the connection closes (as HAProxy does); one it did not finish is
+        cancelled.  A client that closed both ways is found out when a write to it fails.
+        """
+        if self._gone:
+            return
+        if self._linger is not None:
+            # We closed our side (a lingering close, a TLS grace) and waited for this: close once flushed.
+            self.transport.loseConnection()
+            return
+        if self._h2 is not None or self._tunnelled is not None or self._parsing is not None:
+            # A tunnel ends with the client's side, as before; so does a request whose body will never be
+            # complete (the client gave up on it): cancelled, and the upstream request with it.
+            self._closing = True
+            self._cancelAll()
+            self.loseConnection()
+            return
+        if self._current is None:
+            # Nothing in progress (a partial head is dropped).
+            self.loseConnection()
+            return
+        if self._endAfter is None:
+            # No more requests: answer those in progress, then close (L{_afterExchange}).
+            self._endAfter = _AT_EOF
+            self._closing = True
+            self._lastRead = True
+            self._pause(_PAUSE_END)  # (else a resumed transport would read the EOF again)
+
+    def writeConnectionLost(self) -> None:
+        """Our FIN is out (a lingering close): we read on until the client closes (L{readConnectionLost})."""
 
 
     def loseConnection(self, linger: bool = False) -> None:
@@ -731,25 +783,45 @@ class HTTPServerProtocol(BatchedWriter, Protocol):
         self._reject(500, "internal error")
 
     def _reject(self, code: int, message: str) -> None:
-        """A request we cannot parse: answer if we can, then close (the byte stream is no longer trustworthy)."""
+        """
+        A request we cannot parse: answer, then close (the byte stream is no longer trustworthy).  Requests in
+        front of it that are still being answered are answered first (responses go in request order): the
+        rejection waits for them (L{_endAfter}), and nothing more is read or dispatched meanwhile.
+        """
         if self._closing and self._current is None and self._parsing is None:
             # Already closing with its last answer out (the rest of a read that ended the connection): nothing
             # more may be written.
             return
-        self._closing = True
         current = self._current
-        if current is not None and current._headSent:
-            if current is self._parsing:
-                # Its own body is malformed while its response streams: cut both sides.
-                self._cancel(current)
-                self._out = []  # queued bytes must not follow an abort
-                self.transport.abortConnection()
-            else:
-                # An earlier request is still being answered: let it finish; the connection closes after it.
-                self._pause(_PAUSE_PIPELINE)
-            return
+        parsing = self._parsing
+        if parsing is not None:
+            # The bad bytes are in this request's body: it is the one rejected.
+            self._parsing = None
+            if parsing is current:
+                if current._headSent:
+                    # Its response already streams: cut both sides.
+                    self._closing = True
+                    self._cancel(current)
+                    self._out = []  # queued bytes must not follow an abort
+                    self.transport.abortConnection()
+                    return
+                current = None
+            elif parsing in self._queue:
+                self._queue.remove(parsing)
+            self._cancel(parsing)
+        self._closing = True
+        self._lastRead = True  # nothing after the bad bytes is parsed
         if current is not None:
-            self._cancel(current)
+            # An earlier request is still being answered: the rejection goes out after it (and after any
+            # queued behind it), then the connection closes (L{_afterExchange}).  Its own timeouts bound the wait.
+            self._endAfter = (code, message)
+            self._pause(_PAUSE_END)
+            return
+        self._writeRejection(code, message)
+
+    def _writeRejection(self, code: int, message: str) -> None:
+        """Write a rejection's Status answer, then close, lingering: the client may be sending more."""
+        self._current = None
         body = statusBody(code, message)
         flushOut(self)
         self.transport.writeSequence(
@@ -759,7 +831,7 @@ class HTTPServerProtocol(BatchedWriter, Protocol):
                 body,
             ]
         )
-        self.factory._logRejected(self, code, message)
+        self.factory._logRejected(self, code, message, len(body))
         self.loseConnection(linger=True)
 
     def _cancel(self, exchange: Exchange) -> None:
@@ -932,6 +1004,15 @@ class HTTPServerProtocol(BatchedWriter, Protocol):
             return
         stillSending = exchange is self._parsing and not exchange._bodyDone
         if not exchange.keepAlive or exchange._tunnel is not None or self._closing and not self._queue:
+            end = self._endAfter
+            if end is not None:
+                # The last response before the end: write the rejection that waited for it, or (the client's
+                # FIN) just close.
+                if end is not _AT_EOF and exchange.keepAlive:
+                    self._writeRejection(*end)
+                else:
+                    self.loseConnection(linger=end is not _AT_EOF)
+                return
             self.loseConnection(linger=stillSending)
             return
         if stillSending and exchange._consumer is not _DISCARD:
@@ -1174,10 +1255,11 @@ class HTTPServerFactory(Factory):
         if self.accessLog is not None:
             self.accessLog(exchange, aborted)
 
-    def _logRejected(self, proto: HTTPServerProtocol, code: int, message: str) -> None:
+    def _logRejected(self, proto: HTTPServerProtocol, code: int, message: str, bodyBytes: int = 0) -> None:
         if self.accessLog is not None:
             exchange = Exchange(proto, b"-", b"-", b"1.1", Headers(), False, False, False, self.clock.seconds())
             exchange.code = code
+            exchange.bytesSent = bodyBytes  # as for any response: the body bytes written
             exchange.route = "rejected: " + message
             self.accessLog(exchange, False)
 

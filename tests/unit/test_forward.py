@@ -677,14 +677,13 @@ class AbortTests(ForwardTestCase):
 
 class CancelledBeforeSentTests(ForwardTestCase):
     """
-    A request whose read ends in bytes the parser rejects is answered 400 and cancelled: it must not reach the
-    upstream either, even on a pooled connection that takes it at once (the upstream would run a request the
-    client was told failed, and the client would retry it).
+    A request whose own bytes the parser rejects later in the same read is answered 400 and cancelled: it must
+    not reach the upstream either, even on a pooled connection that takes it at once (the upstream would run a
+    request the client was told failed, and the client would retry it).  A good request in front of bad bytes
+    is another matter: it is forwarded and answered, and the 400 follows its response.
     """
 
-    def test_aRequestFollowedByGarbageNeverLeaves(self) -> None:
-        from ksproxy.http.writes import outbox
-
+    def pooledConnection(self):  # type: ignore[no-untyped-def]
         from .test_writethrough import FakeSocket
 
         self.get()
@@ -697,16 +696,39 @@ class CancelledBeforeSentTests(ForwardTestCase):
         conn._sock = sock  # type: ignore[assignment]
         conn.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
         self.assertEqual(self.pool.idleCount(), 1)
-        client = self.connectClient()
+        return conn, sock
+
+    def sendInOneTurn(self, conn, client: Wire, data: bytes) -> None:  # type: ignore[no-untyped-def]
+        from ksproxy.http.writes import outbox
+
         try:
-            self.send(b"DELETE /x/item HTTP/1.1\r\nHost: gw\r\n\r\nGARBAGE \x01\r\n\r\n", client)
+            self.send(data, client)
             outbox.flush()  # the end of the turn
         finally:
             while conn in outbox.owners:
                 outbox.owners.remove(conn)
+
+    def test_aRequestWithAMalformedBodyNeverLeaves(self) -> None:
+        conn, sock = self.pooledConnection()
+        client = self.connectClient()
+        self.sendInOneTurn(
+            conn, client, b"POST /x/item HTTP/1.1\r\nHost: gw\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n"
+        )
         self.assertStatus(400, client)
         self.assertEqual(sock.sent, [])
-        self.assertEqual(wire.value().count(b"DELETE"), 0)
+
+    def test_aRequestFollowedByGarbageIsAnsweredFirst(self) -> None:
+        conn, sock = self.pooledConnection()
+        client = self.connectClient()
+        self.sendInOneTurn(conn, client, b"DELETE /x/item HTTP/1.1\r\nHost: gw\r\n\r\nGARBAGE \x01\r\n\r\n")
+        self.assertEqual(self.answered(client), b"")  # the 400 waits for the DELETE's response
+        [sent] = sock.sent
+        self.assertTrue(sent.startswith(b"DELETE /x/item HTTP/1.1\r\n"), sent)
+        conn.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\ngone")
+        answered = self.answered(client)
+        self.assertTrue(answered.startswith(b"HTTP/1.1 200 OK\r\n"), answered)
+        self.assertEqual(answered.count(b"HTTP/1.1 400 Bad Request\r\n"), 1, answered)
+        self.assertLess(answered.index(b"gone"), answered.index(b"HTTP/1.1 400"))
 
 
 class FailureRightAfterTheHeadTests(ForwardTestCase):
