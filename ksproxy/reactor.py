@@ -21,7 +21,6 @@ C{twisted/plugins/ksproxy_reactor.py}), or by calling L{install} before anything
 from __future__ import annotations
 
 import errno
-import select
 import socket
 import sys
 from time import monotonic
@@ -184,12 +183,15 @@ class Port(tcp.Port):
 class SharedPort(Port):
     """
     A listening port whose socket other processes accept from too (C{--workers}): it takes one connection per
-    wake-up, as nginx does with C{multi_accept off}, and is registered with C{EPOLLEXCLUSIVE}, so a new
-    connection wakes one sleeping worker rather than all of them (nginx since 1.11.3).
+    wake-up, as nginx does with C{multi_accept off}.  Twisted's batch of up to C{numberAccepts} (100 and
+    growing) handed a burst to whichever worker woke first: the 50 keep-alive connections of a client pool all
+    landed on one worker and the other stayed idle.
 
-    Twisted's batch of up to C{numberAccepts} (100 and growing) handed a burst to whichever worker woke first:
-    the 50 keep-alive connections of a client pool all landed on one worker and the other stayed idle.  And
-    without C{EPOLLEXCLUSIVE} every connection woke every idle worker, all but one to find nothing to accept.
+    Every idle worker is still woken for each connection and all but one find nothing to accept.
+    C{EPOLLEXCLUSIVE} (nginx's choice) would wake one, but always the first idle worker registered: at light
+    load every connection, long-lived ones included, would go to the same worker, to be unevenly loaded
+    later.  With two workers the extra wake-ups cost nothing measurable (bench/RESULTS.md), so this port
+    keeps the even spread.
     """
 
     @property
@@ -199,9 +201,6 @@ class SharedPort(Port):
     @numberAccepts.setter
     def numberAccepts(self, value: int) -> None:
         pass  # doRead grows it after a full batch; here a batch is always one
-
-    def startReading(self) -> None:
-        self.reactor._addExclusiveReader(self)
 
 
 class KsproxyReactor(EPollReactor):
@@ -242,15 +241,6 @@ class KsproxyReactor(EPollReactor):
         p = SharedPort._fromListeningDescriptor(self, fileDescriptor, addressFamily, factory)
         p.startListening()
         return p
-
-    def _addExclusiveReader(self, reader: Any) -> None:
-        fd = reader.fileno()
-        if fd not in self._reads:
-            # EPOLLEXCLUSIVE can only be given when a descriptor is added (never modified), which suits a
-            # listening socket: it is never also registered for writing.
-            self._poller.register(fd, EPOLLIN | select.EPOLLEXCLUSIVE)
-            self._reads.add(fd)
-            self._selectables[fd] = reader
 
     def _closeAtEndOfTurn(self, transport: Server) -> None:
         self._closing.append(transport)

@@ -70,7 +70,7 @@ def bindListening(description: str) -> socket.socket:
 class _OneAcceptPort(tcp.Port):
     """
     A listening port that accepts one connection per wake-up, for reactors other than ksproxy's (which has
-    its own, L{ksproxy.reactor.SharedPort}, that also wakes only one worker per connection).  Twisted's batch
+    its own, L{ksproxy.reactor.SharedPort}).  Twisted's batch
     of up to C{numberAccepts} (100 and growing) would hand a burst to whichever worker woke first.
     """
 

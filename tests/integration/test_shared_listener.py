@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import select
 import socket
 from typing import List
 
@@ -114,32 +113,20 @@ class OtherReactorTests(TestCase):
         self.assertEqual(port.numberAccepts, 1)
 
 
-class ExclusiveWakeUpTests(TestCase):
-    def test_registeredWithEpollExclusive(self) -> None:
-        """On ksproxy's reactor a new connection wakes one sleeping worker, not all (EPOLLEXCLUSIVE)."""
-        from ksproxy.reactor import KsproxyReactor
+class KsproxyReactorPortTests(TestCase):
+    def test_theWorkersKeepTheFastPort(self) -> None:
+        """On ksproxy's reactor the shared port is its own Port (the accept loop and the Server transport that
+        closes without a writability round trip), not Twisted's."""
+        from ksproxy.reactor import KsproxyReactor, Port, Server
 
         reactor = KsproxyReactor()  # never run
         self.addCleanup(reactor._poller.close)
-        flags: List[int] = []
-        reactor._poller = _Recorder(reactor._poller, flags)
         shared = bindListening("tcp:0:interface=127.0.0.1")
         self.addCleanup(shared.close)
-        port = reactor.adoptSharedStreamPort(os.dup(shared.fileno()), socket.AF_INET, protocol.Factory())
-        self.assertEqual(flags, [select.EPOLLIN | select.EPOLLEXCLUSIVE])
-        self.assertIs(reactor._selectables[port.fileno()], port)
-        port.stopReading()  # unregisters: EPOLL_CTL_DEL works on an exclusive registration
-        self.assertNotIn(port.fileno(), reactor._reads)
-        port.socket.close()
-
-
-class _Recorder:
-    def __init__(self, real, flags) -> None:  # type: ignore[no-untyped-def]
-        self.real, self.flags = real, flags
-
-    def register(self, fd, flags):  # type: ignore[no-untyped-def]
-        self.flags.append(flags)
-        return self.real.register(fd, flags)
-
-    def __getattr__(self, name):  # type: ignore[no-untyped-def]
-        return getattr(self.real, name)
+        d = inheritedEndpoint(reactor, os.dup(shared.fileno())).listen(protocol.Factory())
+        port = self.successResultOf(d)
+        self.addCleanup(port.socket.close)
+        self.addCleanup(port.stopReading)
+        self.assertIsInstance(port, Port)
+        self.assertIs(port.transport, Server)
+        self.assertEqual(port.numberAccepts, 1)
