@@ -615,7 +615,9 @@ class HTTPServerProtocol(BatchedWriter, Protocol):
         """
         The client sent its FIN (C{shutdown(SHUT_WR)}, C{nc -N}): it sends nothing more.  Requests it sent in
         full are still answered, then the connection closes (as HAProxy does); one it did not finish is
-        cancelled.  A client that closed both ways is found out when a write to it fails.
+        cancelled.  A FIN while a response is already on its way is a client that went away (a half-closing
+        client sends it right after its request, long before an answer starts): cancelled at once, so an
+        abandoned stream (a watch, a download) frees its upstream request now, not at its next write.
         """
         if self._gone:
             return
@@ -632,6 +634,11 @@ class HTTPServerProtocol(BatchedWriter, Protocol):
             return
         if self._current is None:
             # Nothing in progress (a partial head is dropped).
+            self.loseConnection()
+            return
+        if self._current._headSent:
+            self._closing = True
+            self._cancelAll()
             self.loseConnection()
             return
         if self._endAfter is None:
