@@ -58,6 +58,8 @@ def _seconds(value: str) -> float:
 
 # Longer spins buy little (an answer that takes longer is better waited for asleep) and burn a core.
 MAX_BUSY_POLL = 0.005
+# The smallest --max-header-bytes / --max-url-bytes accepted.
+MIN_HEAD_LIMIT = 1024
 
 
 class RunOptions(AuthOptionsMixin, usage.Options):
@@ -152,7 +154,11 @@ class RunOptions(AuthOptionsMixin, usage.Options):
             try:
                 self[name] = int(self[name])
             except ValueError:
-                raise usage.UsageError(f"--{name} must be a whole number of bytes") from None
+                raise usage.UsageError(f"--{name} must be a whole number") from None
+        for name in ("max-header-bytes", "max-url-bytes"):
+            # Below this every ordinary request would be refused: a typo, not a setting.
+            if self[name] < MIN_HEAD_LIMIT:
+                raise usage.UsageError(f"--{name} must be at least {MIN_HEAD_LIMIT} bytes, not {self[name]}")
         if self["log-format"] not in ("text", "json"):
             raise usage.UsageError("--log-format takes text or json")
         if self["workers"] < 1:
@@ -303,6 +309,15 @@ def _cannotListen(e: CannotListenError) -> str:
     return f"ksproxy: cannot listen on {e.interface or '*'}:{e.port}: {reason}"
 
 
+def _endpointService(option: str, description: str, factory, reactor) -> service.Service:  # type: ignore[no-untyped-def]
+    """C{strports.service}, with a mistyped endpoint string (an unknown type, a port that is not a number, a
+    certificate file that cannot be read) as one line naming the option, not a traceback."""
+    try:
+        return strports.service(description, factory, reactor=reactor)
+    except (ValueError, TypeError, KeyError, OSError) as e:
+        raise SystemExit(f"ksproxy: --{option} {description}: {e}") from None
+
+
 class _Cleanup(service.Service):
     """At the very end of a stop: health checkers, bundle fetches and idle upstream connections."""
 
@@ -365,7 +380,7 @@ def makeRunService(config: RunOptions, reactor) -> service.MultiService:
     admin = None
     if config["admin-listen"] and config["admin-listen"] != "none" and workerIndex in (None, "0"):
         # With --workers only the first worker serves the admin endpoints (they share one port).
-        admin = strports.service(config["admin-listen"], None, reactor=reactor)
+        admin = _endpointService("admin-listen", config["admin-listen"], None, reactor)
         admin.setServiceParent(top)
     timeouts = Timeouts(
         connect=config["connect-timeout"],
@@ -433,7 +448,7 @@ def makeRunService(config: RunOptions, reactor) -> service.MultiService:
             StreamServerEndpointService(inheritedEndpoint(reactor, int(fd)), factory).setServiceParent(listeners)
     else:
         for endpoint in config["listen"]:
-            strports.service(endpoint, factory, reactor=reactor).setServiceParent(listeners)
+            _endpointService("listen", endpoint, factory, reactor).setServiceParent(listeners)
     listeners.setServiceParent(top)
     metrics = installMetrics(reconciler, gateway, pool, health, factory, source)
     if admin is not None:

@@ -506,7 +506,8 @@ class FileSource(service.Service):
     scanning, with scans at least every C{maxPollInterval}); once a change is seen, the next scan comes
     C{settleInterval} later to read it if it held still (see the module docstring).
 
-    @ivar synced: fires once the first complete read has been handed to the inventory (readiness).
+    @ivar synced: fires once the first complete read has been handed to the inventory (readiness); not while
+        the directory itself cannot be read.
     """
 
     _log = Logger()
@@ -638,7 +639,12 @@ class FileSource(service.Service):
                 self.plansRefused += 1
                 self._inventory.replaceAll(delivery.docs, delivery.errors, delivery.parsed)
             if not self.synced.called:
-                self.synced.callback(None)
+                if any(e.origin == self._scanner.directory for e in delivery.errors):
+                    # Nothing could be read, which is not an empty configuration: not ready (/readyz 503)
+                    # until the directory can be read, however long that takes (a volume not mounted yet).
+                    self._log.warn("{directory}: not ready until it can be read", directory=self.directory)
+                else:
+                    self.synced.callback(None)
         finally:
             if installed is not None:
                 installed.set()

@@ -463,6 +463,23 @@ class FileSourceTests(DirectoryMixin, TestCase):
         self.assertFalse(thread.is_alive())
 
     @defer.inlineCallbacks
+    def test_notReadyUntilTheDirectoryCanBeRead(self):  # type: ignore[no-untyped-def]
+        """A directory that does not exist (a typo, a volume not mounted yet) is not an empty configuration:
+        readiness waits until it can be read."""
+        missing = self.path("later")
+        self.source = FileSource(missing, self.inventory, reactor, pollInterval=0.02)
+        self.source.startService()
+        self.addCleanup(self.source.stopService)
+        yield self.waitFor(lambda: bool(self.inventory.snapshot().sourceErrors))
+        self.assertIn("cannot read directory", self.inventory.snapshot().sourceErrors[0].message)
+        self.assertFalse(self.source.synced.called)
+        os.mkdir(missing)
+        with open(os.path.join(missing, "a.yaml"), "w") as f:
+            f.write(manifest("a"))
+        yield self.source.synced
+        yield self.waitFor(lambda: self.names() == ["a"])
+
+    @defer.inlineCallbacks
     def test_stopBeforeFirstChange(self):  # type: ignore[no-untyped-def]
         before = threading.active_count()
         self.source.startService()

@@ -54,6 +54,9 @@ class OptionsTests(SynchronousTestCase):
             (["run", "--source", "dir:x", "--log-format", "xml"], "text or json"),
             (["run", "--source", "dir:x", "--busy-poll", "1s"], "--busy-poll must be between 0 and 5ms"),
             (["run", "--source", "dir:x", "--busy-poll", "-1us"], "--busy-poll must be between 0 and 5ms"),
+            (["run", "--source", "dir:x", "--max-header-bytes", "-5"], "--max-header-bytes must be at least 1024"),
+            (["run", "--source", "dir:x", "--max-url-bytes", "100"], "--max-url-bytes must be at least 1024"),
+            (["run", "--source", "dir:x", "--max-url-bytes", "lots"], "--max-url-bytes must be a whole number"),
             ([], "subcommand"),
         ]:
             with self.assertRaises(usage.UsageError) as caught:
@@ -62,6 +65,20 @@ class OptionsTests(SynchronousTestCase):
 
 
 class ServiceTreeTests(SynchronousTestCase):
+    def test_aMistypedEndpointIsOneLine(self) -> None:
+        """An endpoint string Twisted cannot use stops start-up with one line naming the option, not a
+        traceback."""
+        for option, value, fragment in [
+            ("--listen", "garbage:1", "Unknown endpoint type: 'garbage'"),
+            ("--listen", "tcp:abc", "invalid literal"),
+            ("--listen", "ssl:8443:privateKey=/nonexistent/key.pem", "No such file"),
+            ("--admin-listen", "foo:1", "Unknown endpoint type: 'foo'"),
+        ]:
+            with self.assertRaises(SystemExit) as caught:
+                makeService(parse("run", "--source", "dir:/x", option, value), Clock())
+            self.assertTrue(str(caught.exception).startswith(f"ksproxy: {option} {value}: "), caught.exception)
+            self.assertIn(fragment, str(caught.exception))
+
     def test_tree(self) -> None:
         top = makeService(parse("run", "--source", "dir:/nonexistent", "--listen", "tcp:0"), Clock())
         kinds = [type(child).__name__ for child in top]
