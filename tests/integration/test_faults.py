@@ -52,37 +52,31 @@ def sleep(seconds: float) -> defer.Deferred:
     return deferLater(reactor, seconds, lambda: None)
 
 
+def _readUntilClosed(s: socket.socket) -> bytes:
+    """Read until the server closes the connection (the test fails on a timeout)."""
+    got = b""
+    while True:
+        chunk = s.recv(65536)
+        if not chunk:
+            return got
+        got += chunk
+
+
 def _untilClosed(port: int, request: bytes) -> bytes:
-    """Send C{request}, then read until the server closes the connection (the test fails on a timeout)."""
-    s = socket.create_connection(("127.0.0.1", port), timeout=CLIENT_TIMEOUT)
-    try:
+    """Send C{request}, then read until the server closes the connection."""
+    with socket.create_connection(("127.0.0.1", port), timeout=CLIENT_TIMEOUT) as s:
         s.sendall(request)
-        got = b""
-        while True:
-            chunk = s.recv(65536)
-            if not chunk:
-                return got
-            got += chunk
-    finally:
-        s.close()
+        return _readUntilClosed(s)
 
 
 def _sendAllThenRead(port: int, path: str, size: int) -> bytes:
     """POST C{size} bytes, all of them, then read the answer until the server closes."""
-    s = socket.create_connection(("127.0.0.1", port), timeout=CLIENT_TIMEOUT)
-    try:
+    with socket.create_connection(("127.0.0.1", port), timeout=CLIENT_TIMEOUT) as s:
         s.sendall(b"POST %s HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n" % (path.encode(), size))
         block = b"x" * 65536
         for _ in range(size // len(block)):
             s.sendall(block)
-        got = b""
-        while True:
-            chunk = s.recv(65536)
-            if not chunk:
-                return got
-            got += chunk
-    finally:
-        s.close()
+        return _readUntilClosed(s)
 
 
 def _keepAlive(port: int, paths: List[str]) -> List[Tuple[int, bytes]]:
