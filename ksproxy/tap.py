@@ -148,6 +148,13 @@ class RunOptions(AuthOptionsMixin, usage.Options):
             "busy-poll",
         ):
             self[name] = _seconds(self[name])
+        for name in ("connect-timeout", "response-header-timeout", "idle-timeout", "tunnel-idle-timeout",
+                     "header-timeout", "keepalive-timeout"):
+            # A timeout of 0 would fail every request at once (a typo, not a setting); none means "never" here.
+            if self[name] <= 0:
+                raise usage.UsageError(f"--{name} must be longer than zero")
+        if self["drain-grace"] < 0:
+            raise usage.UsageError("--drain-grace cannot be negative (0: stop without waiting)")
         if not 0 <= self["busy-poll"] <= MAX_BUSY_POLL:
             raise usage.UsageError(f"--busy-poll must be between 0 and {MAX_BUSY_POLL * 1000:g}ms")
         for name in ("max-header-bytes", "max-url-bytes", "workers"):
@@ -302,6 +309,9 @@ class GatewayService(SequentialMultiService):
             super().privilegedStartService()
         except CannotListenError as e:
             raise SystemExit(_cannotListen(e)) from None
+        except (OSError, OverflowError) as e:
+            # A port out of range, a UNIX socket in a folder that does not exist.
+            raise SystemExit(f"ksproxy: cannot listen: {e}") from None
 
 
 def _cannotListen(e: CannotListenError) -> str:

@@ -60,7 +60,7 @@ def bindListening(description: str) -> socket.socket:
     try:
         sock.bind((interface or ("::" if family == socket.AF_INET6 else "0.0.0.0"), port))
         sock.listen(backlog)
-    except OSError as e:
+    except (OSError, OverflowError) as e:  # (OverflowError: a port out of range)
         sock.close()
         raise CannotListenError(interface, port, e) from None
     sock.setblocking(False)

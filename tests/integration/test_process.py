@@ -123,6 +123,28 @@ def test_portInUseIsOneLineNotATraceback(taken) -> None:  # type: ignore[no-unty
     assert "Traceback" not in output
 
 
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["--listen", "tcp:99999"], "ksproxy: cannot listen: bind(): port must be 0-65535"),
+        (["--admin-listen", "tcp:99999"], "ksproxy: cannot listen: bind(): port must be 0-65535"),
+        (["--listen", "unix:/nonexistent/ksproxy/s.sock"], "ksproxy: cannot listen: [Errno 2] No such file"),
+        (["--workers", "2", "--listen", "tcp:99999"], "ksproxy: cannot listen on *:99999: bind(): port must"),
+    ],
+)
+def test_anAddressThatCannotBeBoundIsOneLine(args, fragment) -> None:  # type: ignore[no-untyped-def]
+    """Not only a port in use: a port out of range, a socket in a missing folder (twistd binds them)."""
+    base = ["--admin-listen", "none"] if "--admin-listen" not in args else ["--listen", f"tcp:{_freePort()}"]
+    result = subprocess.run(
+        [sys.executable, "-m", "ksproxy.cli", "run", "--source", f"dir:{EXAMPLES}", *base, *args],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output
+    assert fragment in output
+    assert "Traceback" not in output
+
+
 def test_workersShareThePortAndRestart(demoUpstream) -> None:  # type: ignore[no-untyped-def]
     port, admin = _freePort(), _freePort()
     proc = _start(
