@@ -113,6 +113,10 @@ def parseTLSServer(reactor: Any, *args: str, **kwargs: str) -> TLSServerEndpoint
         if alpnText is None
         else tuple(p.strip().encode("ascii") for p in alpnText.split(",") if p.strip())
     )
+    unknown = [p.decode() for p in alpn if p not in DEFAULT_ALPN]
+    if unknown or not alpn:
+        # Anything else would be offered to clients and then spoken as HTTP/1.1.
+        raise ValueError(f"ksproxy-tls: alpn= takes h2 and/or http/1.1, not {alpnText!r}")
     store = CertificateStore(
         CertificateSource(certDir=certDir, certFile=cert, keyFile=key, defaultName=default), alpn
     )

@@ -293,6 +293,13 @@ class CertificateStore:
         wanted = [self.source.defaultName] if self.source.defaultName else []
         wanted.append("default")
         default = next((c for w in wanted for c in loaded if c.name == w), loaded[0])
+        if self.source.defaultName and default.name != self.source.defaultName:
+            log.warn(
+                "TLS: default={wanted}: no such certificate; clients without SNI (or with an unknown name) get "
+                "{used}",
+                wanted=self.source.defaultName,
+                used=default.name,
+            )
         root = _rootContext(default, self.alpn, self.contextFor)
         # One assignment each, on the reactor thread: a handshake sees either the old set or the new one.
         self._byName, self._names, self._default, self._root = byName, names, default, root

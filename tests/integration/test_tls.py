@@ -276,8 +276,22 @@ class TerminationTests(TestCase):
             (f"ksproxy-tls:certDir={self.dir}", ValueError),
             (f"ksproxy-tls:port=0:certDir={empty}", CertificateError),
             ("ksproxy-tls:port=0:certDir=/nonexistent/ksproxy", CertificateError),
+            (f"ksproxy-tls:port=0:certDir={self.dir}:alpn=h3", ValueError),
+            (f"ksproxy-tls:port=0:certDir={self.dir}:alpn=", ValueError),
         ]:
             self.assertRaises(error, serverFromString, reactor, text)
+
+    def test_aMissingDefaultIsLogged(self) -> None:
+        """default=NAME with no such certificate: the store starts (the file may come later) and says which
+        certificate clients without SNI get instead."""
+        from twisted.logger import globalLogPublisher
+
+        events: list = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        CertificateStore(CertificateSource(certDir=self.dir, defaultName="zzz"))
+        warned = [e for e in events if "no such certificate" in e.get("log_format", "")]
+        self.assertEqual([(e["wanted"], e["used"]) for e in warned], [("zzz", "default")])
 
     @defer.inlineCallbacks
     def test_gatewayOverTLS(self):  # type: ignore[no-untyped-def]
