@@ -21,7 +21,12 @@ from twisted.python.failure import Failure
 
 from ..http.headers import Headers, renderInto
 from ..http.server import Exchange
-from ..http.upstream import UpstreamConnection, UpstreamPool, UpstreamResponseTooLarge
+from ..http.upstream import (
+    UpstreamConnection,
+    UpstreamPool,
+    UpstreamResponseInvalid,
+    UpstreamResponseTooLarge,
+)
 from ..model.types import Endpoint
 
 __all__ = ["Timeouts", "HOP_BY_HOP", "UpstreamRequest", "ProxyCall", "stripHopByHop", "IDEMPOTENT"]
@@ -58,6 +63,10 @@ class Timeouts:
     idle: Optional[float] = 900.0
     # The same for upgraded connections (exec shells can sit quietly for a long time).
     tunnelIdle: Optional[float] = 3600.0
+
+
+# Failures that are an answer, just not one we relay: a 502 (not a stale connection to retry).
+_MALFORMED = (httptools.HttpParserError, UpstreamResponseTooLarge, UpstreamResponseInvalid)
 
 
 # What a response head loses before it is relayed: hop-by-hop headers, and Content-Length (writeHead frames).
@@ -358,7 +367,7 @@ class ProxyCall:
             return
         conn, self.conn = self.conn, None
         if not gotHead and not self._headSent:
-            malformed = reason is not None and reason.check(httptools.HttpParserError, UpstreamResponseTooLarge)
+            malformed = reason is not None and reason.check(*_MALFORMED)
             # A reused connection that the upstream had already closed: retry once, only when that is safe.  (A
             # malformed answer is an answer: the upstream got the request, and would get it twice.)
             if (
@@ -378,7 +387,11 @@ class ProxyCall:
                 self.health.passiveFailure(self.request.endpoint.key)
             origin = self.request.endpoint.origin
             if malformed:
-                self._error(502, f"upstream {origin} sent a malformed response: {reason.getErrorMessage()}")
+                what = f"sent a malformed response: {reason.getErrorMessage()}"
+                if reason.check(UpstreamResponseInvalid):
+                    # Well-formed HTTP that we still will not relay: say so in the log too.
+                    log.warn("upstream {origin} {what}: answered 502", origin=origin, what=what)
+                self._error(502, f"upstream {origin} {what}")
             else:
                 self._error(502, f"upstream {origin} closed the connection without a response")
             return
@@ -392,7 +405,7 @@ class ProxyCall:
         the head.  Otherwise the client must see an incomplete response, never one that looks complete: abort.
         """
         origin = self.request.endpoint.origin
-        malformed = reason is not None and reason.check(httptools.HttpParserError, UpstreamResponseTooLarge)
+        malformed = reason is not None and reason.check(*_MALFORMED)
         if timedOut:
             what = "went silent"
         elif malformed:

@@ -857,3 +857,81 @@ class FailureRightAfterTheHeadTests(ForwardTestCase):
         self.assertTrue(self.client.aborted)
         self.assertEqual(b"".join(sock.sent).count(b"HTTP/1.1"), 1)
         self.assertEqual(self.logged, [(200, True)])
+
+
+class _WarningsTestCase(ForwardTestCase):
+    """Captures what ksproxy.proxy.forward logs."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        from twisted.logger import formatEvent, globalLogPublisher
+
+        self.warnings: List[str] = []
+
+        def observe(event: dict) -> None:
+            if event.get("log_namespace") == "ksproxy.proxy.forward":
+                self.warnings.append(formatEvent(event))
+
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
+
+
+class StatusRangeTests(_WarningsTestCase):
+    """RFC 9110 15: status codes are 100-599.  llhttp takes any three digits; the rest is a logged 502."""
+
+    def assertRefused(self, code: bytes) -> None:
+        conn, up = self.reuse()
+        self.get(b"/second")
+        conn.dataReceived(b"HTTP/1.1 %s Odd\r\nContent-Length: 2\r\n\r\nok" % code)
+        self.assertTrue(up.aborted)
+        self.assertEqual(self.pool.idleCount(), 0)
+        self.assertStatus(502)
+        self.assertIn(b"status code %d outside 100-599" % int(code), self.answered())
+        self.assertNotIn(b"Odd", self.answered())
+        # An answer, not a stale connection: not retried.
+        self.assertEqual(len(self.pool.attempts), 1)
+        self.assertEqual(self.health.events, ["ok", "fail"])
+        [warning] = self.warnings
+        self.assertIn(f"status code {int(code)} outside 100-599: answered 502", warning)
+
+    def reuse(self) -> Tuple[UpstreamConnection, Wire]:
+        self.get()
+        conn, up = self.pool.accept()
+        conn.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        self.assertEqual(self.pool.idleCount(), 1)
+        self.client.clear()
+        return conn, up
+
+    def test_600(self) -> None:
+        self.assertRefused(b"600")
+
+    def test_999(self) -> None:
+        self.assertRefused(b"999")
+
+    def test_099(self) -> None:
+        self.assertRefused(b"099")
+
+    def test_000(self) -> None:
+        self.assertRefused(b"000")
+
+    def test_afterAnInterimResponse(self) -> None:
+        self.get()
+        conn, up = self.pool.accept()
+        conn.dataReceived(b"HTTP/1.1 103 Early Hints\r\n\r\nHTTP/1.1 600 Odd\r\nContent-Length: 0\r\n\r\n")
+        self.assertTrue(up.aborted)
+        self.assertStatus(502)
+        self.assertIn(b"status code 600 outside 100-599", self.answered())
+
+    def test_599And100AreRelayed(self) -> None:
+        self.send(b"PUT /x HTTP/1.1\r\nHost: gw\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\n")
+        conn, up = self.pool.accept()
+        conn.dataReceived(b"HTTP/1.1 100 Continue\r\n\r\n")
+        self.assertTrue(self.answered().startswith(b"HTTP/1.1 100 Continue\r\n"))
+        self.send(b"hi")
+        self.client.clear()
+        conn.dataReceived(b"HTTP/1.1 599 Edge\r\nContent-Length: 2\r\n\r\nok")
+        self.assertStatus(599)
+        self.assertTrue(self.answered().endswith(b"\r\n\r\nok"))
+        self.assertEqual(self.pool.idleCount(), 1)
+        self.assertEqual(self.warnings, [])
+
