@@ -69,6 +69,11 @@ class Timeouts:
 _MALFORMED = (httptools.HttpParserError, UpstreamResponseTooLarge, UpstreamResponseInvalid)
 
 
+def _plainlyChunked(te: bytes) -> bool:
+    """C{te} (all Transfer-Encoding fields joined with ",") is C{chunked} alone, in any case, with any OWS."""
+    return [c.strip(b" \t").lower() for c in te.split(b",")] == [b"chunked"]
+
+
 # What a response head loses before it is relayed: hop-by-hop headers, and Content-Length (writeHead frames).
 _DROP_DOWN = HOP_BY_HOP | {b"content-length"}
 
@@ -289,7 +294,7 @@ class ProxyCall:
         length: Optional[int] = None
         # One pass for the framing facts, one to drop hop-by-hop headers and Content-Length (writeHead frames).
         cl = None
-        te = False
+        te: Optional[bytes] = None
         named: Optional[set] = None
         items = headers.items
         for item in items:
@@ -298,10 +303,17 @@ class ProxyCall:
                 if cl is None:
                     cl = item[2]
             elif lname == b"transfer-encoding":
-                te = True
+                # All fields joined, as the client side does (server.py): a second field can add a coding.
+                te = item[2] if te is None else te + b"," + item[2]
             elif lname == b"connection":
                 named = _connectionTokens(item[2], named)
-        if cl is not None and not te:
+        if te is not None:
+            if te != b"chunked" and not _plainlyChunked(te):
+                # llhttp frames by a final chunked and drops the codings before it, and we relay the body
+                # re-chunked: any other coding would reach the client undeclared (the client side answers 501).
+                self._refuse(f"sent a Transfer-Encoding other than chunked: {te[:100].decode('latin-1')}")
+                return
+        elif cl is not None:
             try:
                 length = int(cl)
             except ValueError:
@@ -484,6 +496,14 @@ class ProxyCall:
         connecting, self._connecting = self._connecting, None
         if connecting is not None:
             connecting.cancel()
+
+    def _refuse(self, what: str) -> None:
+        """A response head we will not relay: 502, logged (the access log shows only the status), connection closed."""
+        origin = self.request.endpoint.origin
+        log.warn("upstream {origin} {what}: answered 502", origin=origin, what=what)
+        if self.health is not None:
+            self.health.passiveFailure(self.request.endpoint.key)
+        self._error(502, f"upstream {origin} {what}")
 
     def _error(self, code: int, message: str, extra: Sequence[Tuple[bytes, bytes]] = ()) -> None:
         self._done = True
