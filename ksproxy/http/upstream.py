@@ -37,7 +37,14 @@ from ..model.types import Endpoint, TLSSettings
 from .headers import Headers
 from .writes import BatchedWriter, awaitingReply, directSocket, flushOut, noDelay
 
-__all__ = ["IResponseSink", "UpstreamConnection", "UpstreamPool", "tlsCreator"]
+__all__ = [
+    "IResponseSink",
+    "UpstreamConnection",
+    "UpstreamPool",
+    "UpstreamResponseInvalid",
+    "UpstreamResponseTooLarge",
+    "tlsCreator",
+]
 
 log = Logger()
 
@@ -73,6 +80,10 @@ _FRAMING = frozenset([b"content-length", b"transfer-encoding"])
 
 class UpstreamResponseTooLarge(Exception):
     """The upstream's response head exceeds the pool's C{maxHeadBytes}."""
+
+
+class UpstreamResponseInvalid(Exception):
+    """The upstream's response head parses but is not one we relay (a status code outside 100-599)."""
 
 
 class _StopParsing(Exception):
@@ -331,11 +342,18 @@ class UpstreamConnection(BatchedWriter, Protocol):
                 raise UpstreamResponseTooLarge(f"response headers larger than {maxHead} bytes")
         parser = self._parser
         code = parser.get_status_code()
+        # llhttp takes any three digits; RFC 9110 15 allows 100-599.  Nested so that a 2xx-5xx costs the same
+        # two comparisons the interim check alone did.  Raised before the head counts as got: a 502, no retry.
+        if code < 200:
+            if code < 100:
+                raise UpstreamResponseInvalid(f"status code {code} outside 100-599")
+            if code != 101:
+                if self.sink is not None:
+                    self.sink.responseHead(code, self._reason, Headers.fromItems(self._headers), self)
+                return
+        elif code > 599:
+            raise UpstreamResponseInvalid(f"status code {code} outside 100-599")
         headers = Headers.fromItems(self._headers)
-        if 100 <= code < 200 and code != 101:
-            if self.sink is not None:
-                self.sink.responseHead(code, self._reason, headers, self)
-            return
         self._gotHead = True
         self._inBody = True
         self._headBytes = 0

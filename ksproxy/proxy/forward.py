@@ -21,7 +21,12 @@ from twisted.python.failure import Failure
 
 from ..http.headers import Headers, renderInto
 from ..http.server import Exchange
-from ..http.upstream import UpstreamConnection, UpstreamPool, UpstreamResponseTooLarge
+from ..http.upstream import (
+    UpstreamConnection,
+    UpstreamPool,
+    UpstreamResponseInvalid,
+    UpstreamResponseTooLarge,
+)
 from ..model.types import Endpoint
 
 __all__ = ["Timeouts", "HOP_BY_HOP", "UpstreamRequest", "ProxyCall", "stripHopByHop", "IDEMPOTENT"]
@@ -58,6 +63,15 @@ class Timeouts:
     idle: Optional[float] = 900.0
     # The same for upgraded connections (exec shells can sit quietly for a long time).
     tunnelIdle: Optional[float] = 3600.0
+
+
+# Failures that are an answer, just not one we relay: a 502 (not a stale connection to retry).
+_MALFORMED = (httptools.HttpParserError, UpstreamResponseTooLarge, UpstreamResponseInvalid)
+
+
+def _plainlyChunked(te: bytes) -> bool:
+    """C{te} (all Transfer-Encoding fields joined with ",") is C{chunked} alone, in any case, with any OWS."""
+    return [c.strip(b" \t").lower() for c in te.split(b",")] == [b"chunked"]
 
 
 # What a response head loses before it is relayed: hop-by-hop headers, and Content-Length (writeHead frames).
@@ -280,7 +294,7 @@ class ProxyCall:
         length: Optional[int] = None
         # One pass for the framing facts, one to drop hop-by-hop headers and Content-Length (writeHead frames).
         cl = None
-        te = False
+        te: Optional[bytes] = None
         named: Optional[set] = None
         items = headers.items
         for item in items:
@@ -289,10 +303,17 @@ class ProxyCall:
                 if cl is None:
                     cl = item[2]
             elif lname == b"transfer-encoding":
-                te = True
+                # All fields joined, as the client side does (server.py): a second field can add a coding.
+                te = item[2] if te is None else te + b"," + item[2]
             elif lname == b"connection":
                 named = _connectionTokens(item[2], named)
-        if cl is not None and not te:
+        if te is not None:
+            if te != b"chunked" and not _plainlyChunked(te):
+                # llhttp frames by a final chunked and drops the codings before it, and we relay the body
+                # re-chunked: any other coding would reach the client undeclared (the client side answers 501).
+                self._refuse(f"sent a Transfer-Encoding other than chunked: {te[:100].decode('latin-1')}")
+                return
+        elif cl is not None:
             try:
                 length = int(cl)
             except ValueError:
@@ -358,7 +379,7 @@ class ProxyCall:
             return
         conn, self.conn = self.conn, None
         if not gotHead and not self._headSent:
-            malformed = reason is not None and reason.check(httptools.HttpParserError, UpstreamResponseTooLarge)
+            malformed = reason is not None and reason.check(*_MALFORMED)
             # A reused connection that the upstream had already closed: retry once, only when that is safe.  (A
             # malformed answer is an answer: the upstream got the request, and would get it twice.)
             if (
@@ -378,7 +399,11 @@ class ProxyCall:
                 self.health.passiveFailure(self.request.endpoint.key)
             origin = self.request.endpoint.origin
             if malformed:
-                self._error(502, f"upstream {origin} sent a malformed response: {reason.getErrorMessage()}")
+                what = f"sent a malformed response: {reason.getErrorMessage()}"
+                if reason.check(UpstreamResponseInvalid):
+                    # Well-formed HTTP that we still will not relay: say so in the log too.
+                    log.warn("upstream {origin} {what}: answered 502", origin=origin, what=what)
+                self._error(502, f"upstream {origin} {what}")
             else:
                 self._error(502, f"upstream {origin} closed the connection without a response")
             return
@@ -392,7 +417,7 @@ class ProxyCall:
         the head.  Otherwise the client must see an incomplete response, never one that looks complete: abort.
         """
         origin = self.request.endpoint.origin
-        malformed = reason is not None and reason.check(httptools.HttpParserError, UpstreamResponseTooLarge)
+        malformed = reason is not None and reason.check(*_MALFORMED)
         if timedOut:
             what = "went silent"
         elif malformed:
@@ -471,6 +496,14 @@ class ProxyCall:
         connecting, self._connecting = self._connecting, None
         if connecting is not None:
             connecting.cancel()
+
+    def _refuse(self, what: str) -> None:
+        """A response head we will not relay: 502, logged (the access log shows only the status), connection closed."""
+        origin = self.request.endpoint.origin
+        log.warn("upstream {origin} {what}: answered 502", origin=origin, what=what)
+        if self.health is not None:
+            self.health.passiveFailure(self.request.endpoint.key)
+        self._error(502, f"upstream {origin} {what}")
 
     def _error(self, code: int, message: str, extra: Sequence[Tuple[bytes, bytes]] = ()) -> None:
         self._done = True

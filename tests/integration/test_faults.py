@@ -432,6 +432,10 @@ class BadResponseTests(TestCase):
             "switch": ScriptedUpstream(
                 reply(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\nConnection: Upgrade\r\n\r\n")
             ),
+            "status600": ScriptedUpstream(reply(b"HTTP/1.1 600 Odd\r\nContent-Length: 2\r\n\r\nok")),
+            "gzipchunked": ScriptedUpstream(
+                reply(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n")
+            ),
         }
         manifests = "".join(proxy(name, up.listen()) for name, up in self.upstreams.items())
         self.gw = RunningGateway({"bad.yaml": manifests})
@@ -452,10 +456,13 @@ class BadResponseTests(TestCase):
             ("bighead", "response headers larger than 65536 bytes"),
             ("badchunk", "malformed response after its headers"),
             ("switch", "switched protocols without an upgrade request"),
+            ("status600", "status code 600 outside 100-599"),
+            ("gzipchunked", "Transfer-Encoding other than chunked: gzip, chunked"),
         ]:
             status, _, body = yield httpRequest(self.gw.port, "GET", f"/{name}/x")
             self.assertEqual(status, 502, name)
             self.assertIn(fragment, json.loads(body)["message"], name)
-        # The connection that carried the oversized head is closed, not pooled.
-        yield eventually(lambda: not self.upstreams["bighead"].connections)
+        # The connections that carried the oversized head and the refused heads are closed, not pooled.
+        for name in ("bighead", "status600", "gzipchunked"):
+            yield eventually(lambda name=name: not self.upstreams[name].connections)
         self.assertEqual(self.gw.service.pool.idleCount(), 0)

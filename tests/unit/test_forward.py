@@ -857,3 +857,138 @@ class FailureRightAfterTheHeadTests(ForwardTestCase):
         self.assertTrue(self.client.aborted)
         self.assertEqual(b"".join(sock.sent).count(b"HTTP/1.1"), 1)
         self.assertEqual(self.logged, [(200, True)])
+
+
+class _WarningsTestCase(ForwardTestCase):
+    """Captures what ksproxy.proxy.forward logs."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        from twisted.logger import formatEvent, globalLogPublisher
+
+        self.warnings: List[str] = []
+
+        def observe(event: dict) -> None:
+            if event.get("log_namespace") == "ksproxy.proxy.forward":
+                self.warnings.append(formatEvent(event))
+
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
+
+
+class StatusRangeTests(_WarningsTestCase):
+    """RFC 9110 15: status codes are 100-599.  llhttp takes any three digits; the rest is a logged 502."""
+
+    def assertRefused(self, code: bytes) -> None:
+        conn, up = self.reuse()
+        self.get(b"/second")
+        conn.dataReceived(b"HTTP/1.1 %s Odd\r\nContent-Length: 2\r\n\r\nok" % code)
+        self.assertTrue(up.aborted)
+        self.assertEqual(self.pool.idleCount(), 0)
+        self.assertStatus(502)
+        self.assertIn(b"status code %d outside 100-599" % int(code), self.answered())
+        self.assertNotIn(b"Odd", self.answered())
+        # An answer, not a stale connection: not retried.
+        self.assertEqual(len(self.pool.attempts), 1)
+        self.assertEqual(self.health.events, ["ok", "fail"])
+        [warning] = self.warnings
+        self.assertIn(f"status code {int(code)} outside 100-599: answered 502", warning)
+
+    def reuse(self) -> Tuple[UpstreamConnection, Wire]:
+        self.get()
+        conn, up = self.pool.accept()
+        conn.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        self.assertEqual(self.pool.idleCount(), 1)
+        self.client.clear()
+        return conn, up
+
+    def test_600(self) -> None:
+        self.assertRefused(b"600")
+
+    def test_999(self) -> None:
+        self.assertRefused(b"999")
+
+    def test_099(self) -> None:
+        self.assertRefused(b"099")
+
+    def test_000(self) -> None:
+        self.assertRefused(b"000")
+
+    def test_afterAnInterimResponse(self) -> None:
+        self.get()
+        conn, up = self.pool.accept()
+        conn.dataReceived(b"HTTP/1.1 103 Early Hints\r\n\r\nHTTP/1.1 600 Odd\r\nContent-Length: 0\r\n\r\n")
+        self.assertTrue(up.aborted)
+        self.assertStatus(502)
+        self.assertIn(b"status code 600 outside 100-599", self.answered())
+
+    def test_599And100AreRelayed(self) -> None:
+        self.send(b"PUT /x HTTP/1.1\r\nHost: gw\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\n")
+        conn, up = self.pool.accept()
+        conn.dataReceived(b"HTTP/1.1 100 Continue\r\n\r\n")
+        self.assertTrue(self.answered().startswith(b"HTTP/1.1 100 Continue\r\n"))
+        self.send(b"hi")
+        self.client.clear()
+        conn.dataReceived(b"HTTP/1.1 599 Edge\r\nContent-Length: 2\r\n\r\nok")
+        self.assertStatus(599)
+        self.assertTrue(self.answered().endswith(b"\r\n\r\nok"))
+        self.assertEqual(self.pool.idleCount(), 1)
+        self.assertEqual(self.warnings, [])
+
+
+class ResponseTransferCodingTests(_WarningsTestCase):
+    """
+    Only C{chunked} alone: llhttp frames by a final chunked and hands us the decoded chunks, so a coding before it
+    would be lost on the way down (as the client side answers 501 for a request of that shape).
+    """
+
+    def answer(self, head: bytes, body: bytes = b"3\r\nabc\r\n0\r\n\r\n") -> Tuple[UpstreamConnection, Wire]:
+        self.get()
+        conn, up = self.pool.accept()
+        conn.dataReceived(b"HTTP/1.1 200 OK\r\n" + head + b"\r\n" + body)
+        return conn, up
+
+    def assertRefused(self, head: bytes, named: bytes, body: bytes = b"3\r\nabc\r\n0\r\n\r\n") -> None:
+        _, up = self.answer(head, body)
+        self.assertTrue(up.aborted)
+        self.assertEqual(self.pool.idleCount(), 0)
+        self.assertStatus(502)
+        self.assertEqual(self.answered().count(b"HTTP/1.1"), 1)  # the 200 never left
+        self.assertIn(b"sent a Transfer-Encoding other than chunked: " + named, self.answered())
+        self.assertFalse(self.client.aborted)
+        self.assertEqual(self.health.events, ["ok", "fail"])
+        [warning] = self.warnings
+        self.assertIn(f"Transfer-Encoding other than chunked: {named.decode()}: answered 502", warning)
+
+    def test_codingBeforeChunked(self) -> None:
+        self.assertRefused(b"Transfer-Encoding: gzip, chunked\r\n", b"gzip, chunked")
+
+    def test_codingInASecondField(self) -> None:
+        self.assertRefused(b"Transfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n", b"gzip,chunked")
+
+    def test_codingAfterChunked(self) -> None:
+        # llhttp then reads to the close, the chunk framing as body.
+        self.assertRefused(b"Transfer-Encoding: chunked\r\nTransfer-Encoding: gzip\r\n", b"chunked,gzip")
+
+    def test_closeDelimitedCoding(self) -> None:
+        # RFC 9112 6.3: valid (read to the close), but the coding would still be lost.
+        self.assertRefused(b"Transfer-Encoding: gzip\r\n", b"gzip", body=b"abc")
+
+    def test_identity(self) -> None:
+        # Not a registered transfer coding since RFC 7230 (the client side answers 400 for it).
+        self.assertRefused(b"Transfer-Encoding: identity\r\n", b"identity", body=b"abc")
+
+    def test_chunkedTwice(self) -> None:
+        self.assertRefused(b"Transfer-Encoding: chunked, chunked\r\n", b"chunked, chunked")
+
+    def test_chunkedInAnyCaseWithOWS(self) -> None:
+        # (Not a trailing tab: llhttp then stops treating the body as chunked, and on_header strips it from view.)
+        for value in [b"chunked", b"Chunked", b"\t CHUNKED "]:
+            self.client.clear()
+            conn, up = self.answer(b"Transfer-Encoding: " + value + b"\r\n")
+            self.assertStatus(200)
+            self.assertTrue(self.answered().endswith(b"\r\n3\r\nabc\r\n0\r\n\r\n"), value)
+            self.assertFalse(up.aborted)
+            self.assertEqual(self.pool.idleCount(), 1)
+            self.pool.takeIdle(UP)
+        self.assertEqual(self.warnings, [])
