@@ -30,7 +30,7 @@ from twisted.python.failure import Failure
 from twisted.web._http2 import H2Connection, H2Stream
 
 from .headers import Headers
-from .server import Exchange
+from .server import REQUEST_METHODS, Exchange, validHost, validTarget
 
 if TYPE_CHECKING:
     from .server import HTTPServerProtocol
@@ -290,15 +290,24 @@ class H2ServerConnection(H2Connection):
         length = headers.get(b"content-length")
         exchange = H2Exchange(self, stream, method, target, headers, not ended and length != b"0")
         request.exchange = exchange
+        # Malformed requests (RFC 9113 8.1.1) get a 400 on their stream, as HTTP/1.1 does, and never reach an
+        # upstream: C{:method} and C{:path} become the upstream request line, C{:authority} X-Forwarded-Host.
+        # (h2 itself refuses CR, LF and NUL in any field, and names that are not lower-case tokens.)
         error = None
         if method == b"CONNECT":
             error = (405, "CONNECT is not supported")
+        elif method not in REQUEST_METHODS:
+            error = (400, "invalid request method")
         elif len(target) > limits.maxUrlBytes:
             error = (414, "request target too long")
+        elif not validTarget(target):
+            error = (400, "invalid request target")
         elif len(fields) > limits.maxHeaderCount:
             error = (431, "request headers too large")
         elif not hosts or any(h != hosts[0] for h in hosts):
             error = (400, "missing :authority" if not hosts else "conflicting :authority and Host")
+        elif hosts[0] and not validHost(hosts[0]):
+            error = (400, "invalid :authority")
         else:
             expect = headers.get(b"expect")
             if expect is not None and expect.lower() != b"100-continue":
