@@ -24,6 +24,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
 
 import h2.events
+from h2.errors import ErrorCodes
 from h2.settings import SettingCodes, Settings
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -203,7 +204,9 @@ class H2Exchange(Exchange):
         if self._active:
             if self.stream.producer is not None:
                 self.stream.unregisterProducer()
-            self.stream.abortConnection()  # RST_STREAM: the client sees the response incomplete
+            # Our side cannot complete the response (the client going away never gets here: its stream is gone).
+            # INTERNAL_ERROR, not Twisted's default NO_ERROR, which clients may take as a complete response.
+            self.h2.resetStream(self.stream.streamID, ErrorCodes.INTERNAL_ERROR)
         self.h2.owner.factory._logExchange(self, aborted=True)
         self._unlink()
 
@@ -340,6 +343,12 @@ class H2ServerConnection(H2Connection):
     def _requestAborted(self, event: h2.events.StreamReset) -> None:
         if event.stream_id in self.streams:
             super()._requestAborted(event)
+
+    def resetStream(self, streamID: int, code: ErrorCodes) -> None:
+        """RST_STREAM with C{code} (Twisted's C{abortRequest} always sends NO_ERROR), and forget the stream."""
+        self.conn.reset_stream(streamID, error_code=code)
+        if self._tryToWriteControlData():
+            self._requestDone(streamID)
 
     def _requestDone(self, streamID: int) -> None:
         super()._requestDone(streamID)

@@ -441,6 +441,19 @@ class H2Tests(TestCase):
         self.assertEqual(len(self.upstream.requests), before)
 
     @defer.inlineCallbacks
+    def test_truncatedResponseIsAnError(self):  # type: ignore[no-untyped-def]
+        """An upstream gone after the head: RST_STREAM with INTERNAL_ERROR, never NO_ERROR (a complete look)."""
+        sid = yield self.call(self.client.start, "GET", RP + "sse")
+        yield self.call(self.client.waitFor, sid, "received", 1)
+        [stream] = self.upstream.streams
+        stream.transport.loseConnection()  # no last chunk: the response is cut short
+        state = yield self.call(self.client.waitFor, sid, "ended")
+        self.assertEqual((state["ended"], state["reset"]), (False, True))
+        self.assertEqual(state["resetCode"], ErrorCodes.INTERNAL_ERROR)
+        status, _, _ = yield self.call(self.client.request, "GET", API + "after")
+        self.assertEqual(status, 200)
+
+    @defer.inlineCallbacks
     def test_curl(self):  # type: ignore[no-untyped-def]
         """curl (nghttp2) negotiates h2 and gets the same answer as over HTTP/1.1."""
         curl = shutil.which("curl")
