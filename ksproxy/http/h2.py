@@ -260,7 +260,10 @@ class H2ServerConnection(H2Connection):
                 SettingCodes.MAX_HEADER_LIST_SIZE: limits.maxHeaderBytes,
             },
         )
-        self.conn.decoder.max_header_list_size = limits.maxHeaderBytes + 32 * limits.maxHeaderCount
+        # The decoder takes up to twice the limit, so that a header list somewhat over it is decoded (keeping the
+        # connection's HPACK state) and refused on its stream with a 431 (L{_start}), as over HTTP/1.1; past that,
+        # h2 ends the whole connection.
+        self.conn.decoder.max_header_list_size = 2 * limits.maxHeaderBytes + 32 * limits.maxHeaderCount
 
     def _newRequest(self, stream: H2Stream, queued: bool = False) -> _StreamRequest:
         return _StreamRequest()
@@ -280,6 +283,8 @@ class H2ServerConnection(H2Connection):
         method = stream.command or b""
         target = stream.path or b""
         fields: List[Tuple[bytes, bytes]] = []
+        # Counted as HTTP/1.1 counts its header lines (HTTPServerProtocol.on_header).
+        headerBytes = sum(len(lname) + len(v) + 4 for lname, values in byName.items() for v in values)
         hosts = byName.pop(b"host", [])
         if hosts:
             fields.append((b"host", hosts[0]))
@@ -305,7 +310,7 @@ class H2ServerConnection(H2Connection):
             error = (414, "request target too long")
         elif not validTarget(target):
             error = (400, "invalid request target")
-        elif len(fields) > limits.maxHeaderCount:
+        elif len(fields) > limits.maxHeaderCount or headerBytes > limits.maxHeaderBytes:
             error = (431, "request headers too large")
         elif not hosts or any(h != hosts[0] for h in hosts):
             error = (400, "missing :authority" if not hosts else "conflicting :authority and Host")

@@ -374,6 +374,9 @@ class H2Tests(TestCase):
             self.client.request, "GET", API + "y", ((b"expect", b"nothing"),)
         )
         self.assertEqual(status, 417)
+        # Over --max-header-bytes (64 KiB here) in bytes rather than fields: a 431 too, as over HTTP/1.1.
+        status, headers, body = yield self.call(self.client.request, "GET", API + "x", ((b"x-big", b"v" * 70000),))
+        self.assertEqual(status, 431)
         # The connection survives refusals of single streams.
         status, _, _ = yield self.call(self.client.request, "GET", API + "ok")
         self.assertEqual(status, 200)
