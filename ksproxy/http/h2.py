@@ -24,13 +24,14 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
 
 import h2.events
+from h2.errors import ErrorCodes
 from h2.settings import SettingCodes, Settings
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web._http2 import H2Connection, H2Stream
 
 from .headers import Headers
-from .server import Exchange
+from .server import REQUEST_METHODS, Exchange, validHost, validTarget
 
 if TYPE_CHECKING:
     from .server import HTTPServerProtocol
@@ -203,7 +204,9 @@ class H2Exchange(Exchange):
         if self._active:
             if self.stream.producer is not None:
                 self.stream.unregisterProducer()
-            self.stream.abortConnection()  # RST_STREAM: the client sees the response incomplete
+            # Our side cannot complete the response (the client going away never gets here: its stream is gone).
+            # INTERNAL_ERROR, not Twisted's default NO_ERROR, which clients may take as a complete response.
+            self.h2.resetStream(self.stream.streamID, ErrorCodes.INTERNAL_ERROR)
         self.h2.owner.factory._logExchange(self, aborted=True)
         self._unlink()
 
@@ -257,7 +260,10 @@ class H2ServerConnection(H2Connection):
                 SettingCodes.MAX_HEADER_LIST_SIZE: limits.maxHeaderBytes,
             },
         )
-        self.conn.decoder.max_header_list_size = limits.maxHeaderBytes + 32 * limits.maxHeaderCount
+        # The decoder takes up to twice the limit, so that a header list somewhat over it is decoded (keeping the
+        # connection's HPACK state) and refused on its stream with a 431 (L{_start}), as over HTTP/1.1; past that,
+        # h2 ends the whole connection.
+        self.conn.decoder.max_header_list_size = 2 * limits.maxHeaderBytes + 32 * limits.maxHeaderCount
 
     def _newRequest(self, stream: H2Stream, queued: bool = False) -> _StreamRequest:
         return _StreamRequest()
@@ -277,6 +283,8 @@ class H2ServerConnection(H2Connection):
         method = stream.command or b""
         target = stream.path or b""
         fields: List[Tuple[bytes, bytes]] = []
+        # Counted as HTTP/1.1 counts its header lines (HTTPServerProtocol.on_header).
+        headerBytes = sum(len(lname) + len(v) + 4 for lname, values in byName.items() for v in values)
         hosts = byName.pop(b"host", [])
         if hosts:
             fields.append((b"host", hosts[0]))
@@ -290,15 +298,24 @@ class H2ServerConnection(H2Connection):
         length = headers.get(b"content-length")
         exchange = H2Exchange(self, stream, method, target, headers, not ended and length != b"0")
         request.exchange = exchange
+        # Malformed requests (RFC 9113 8.1.1) get a 400 on their stream, as HTTP/1.1 does, and never reach an
+        # upstream: C{:method} and C{:path} become the upstream request line, C{:authority} X-Forwarded-Host.
+        # (h2 itself refuses CR, LF and NUL in any field, and names that are not lower-case tokens.)
         error = None
         if method == b"CONNECT":
             error = (405, "CONNECT is not supported")
+        elif method not in REQUEST_METHODS:
+            error = (400, "invalid request method")
         elif len(target) > limits.maxUrlBytes:
             error = (414, "request target too long")
-        elif len(fields) > limits.maxHeaderCount:
+        elif not validTarget(target):
+            error = (400, "invalid request target")
+        elif len(fields) > limits.maxHeaderCount or headerBytes > limits.maxHeaderBytes:
             error = (431, "request headers too large")
         elif not hosts or any(h != hosts[0] for h in hosts):
             error = (400, "missing :authority" if not hosts else "conflicting :authority and Host")
+        elif hosts[0] and not validHost(hosts[0]):
+            error = (400, "invalid :authority")
         else:
             expect = headers.get(b"expect")
             if expect is not None and expect.lower() != b"100-continue":
@@ -331,6 +348,12 @@ class H2ServerConnection(H2Connection):
     def _requestAborted(self, event: h2.events.StreamReset) -> None:
         if event.stream_id in self.streams:
             super()._requestAborted(event)
+
+    def resetStream(self, streamID: int, code: ErrorCodes) -> None:
+        """RST_STREAM with C{code} (Twisted's C{abortRequest} always sends NO_ERROR), and forget the stream."""
+        self.conn.reset_stream(streamID, error_code=code)
+        if self._tryToWriteControlData():
+            self._requestDone(streamID)
 
     def _requestDone(self, streamID: int) -> None:
         super()._requestDone(streamID)

@@ -926,13 +926,9 @@ class HTTPServerProtocol(BatchedWriter, Protocol):
             raise _BadRequest(400, "missing Host header")
         if hosts > 1:
             raise _BadRequest(400, "more than one Host header")
-        if host and host not in _validHosts:
-            if not _VALID_HOST(host):
-                # RFC 9112 3.2: a Host that is not host[:port] is a 400 (it would reach X-Forwarded-Host and rules).
-                raise _BadRequest(400, "invalid Host header")
-            if len(_validHosts) >= 1024:
-                _validHosts.clear()  # bounded: a client cycling through names costs a regex match each, no memory
-            _validHosts.add(host)
+        if host and host not in _validHosts and not validHost(host):
+            # RFC 9112 3.2: a Host that is not host[:port] is a 400 (it would reach X-Forwarded-Host and rules).
+            raise _BadRequest(400, "invalid Host header")
         exchange = Exchange(
             self,
             method,
@@ -1144,6 +1140,32 @@ _VALID_HOST = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~%!$&'()*+,;=]*)
 
 # Host values already found valid: most requests repeat a handful of them (checked once each).
 _validHosts: set = set()
+
+
+def validHost(host: bytes) -> bool:
+    """Whether a Host (or HTTP/2 C{:authority}) value is host[:port] (RFC 9112 3.2); empty is valid."""
+    if host in _validHosts:
+        return True
+    if not _VALID_HOST(host):
+        return False
+    if len(_validHosts) >= 1024:
+        _validHosts.clear()  # bounded: a client cycling through names costs a regex match each, no memory
+    _validHosts.add(host)
+    return True
+
+
+# The request methods llhttp parses (its HTTP list; it refuses any other token, lower case included).  HTTP/1.1
+# gets this check from llhttp itself; HTTP/2 has no request line, so it checks C{:method} against the same set
+# (tests/unit pins the two together).
+REQUEST_METHODS = frozenset(
+    b"DELETE GET HEAD POST PUT CONNECT OPTIONS TRACE COPY LOCK MKCOL MOVE PROPFIND PROPPATCH SEARCH UNLOCK BIND"
+    b" REBIND UNBIND ACL REPORT MKACTIVITY CHECKOUT MERGE M-SEARCH NOTIFY SUBSCRIBE UNSUBSCRIBE PATCH PURGE"
+    b" MKCALENDAR LINK UNLINK SOURCE QUERY".split()
+)
+
+# The request-target bytes llhttp accepts (visible ASCII; no space, control or 8-bit byte).  As with the
+# methods, HTTP/2 checks C{:path} explicitly: a space there would split the upstream request line.
+validTarget = re.compile(rb"[\x21-\x7e]+\Z").match
 
 _VERSIONS = {"1.1": b"1.1", "1.0": b"1.0"}
 

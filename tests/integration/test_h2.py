@@ -18,6 +18,7 @@ from typing import Dict, List, Optional, Tuple
 import h2.config
 import h2.connection
 import h2.events
+from h2.errors import ErrorCodes
 from twisted.internet import defer, reactor, threads
 from twisted.trial.unittest import TestCase
 
@@ -34,19 +35,26 @@ Response = Tuple[int, List[Tuple[bytes, bytes]], bytes]
 class H2Client:
     """A blocking HTTP/2 client on one TLS connection (use from threads, one call at a time)."""
 
-    def __init__(self, port: int, ca: TestCA) -> None:
+    def __init__(self, port: int, ca: TestCA, validate: bool = True) -> None:
         ctx = ssl.create_default_context(cadata=ca.certPEM.decode())
         ctx.set_alpn_protocols(["h2", "http/1.1"])
         raw = socket.create_connection(("127.0.0.1", port), timeout=CLIENT_TIMEOUT)
         self.sock = ctx.wrap_socket(raw, server_hostname="a.example.test")
         assert self.sock.selected_alpn_protocol() == "h2", self.sock.selected_alpn_protocol()
         self.conn = h2.connection.H2Connection(
-            h2.config.H2Configuration(client_side=True, header_encoding=None)
+            # Without C{validate}, it sends what a hostile client would (malformed pseudo-headers and fields).
+            h2.config.H2Configuration(
+                client_side=True,
+                header_encoding=None,
+                validate_outbound_headers=validate,
+                normalize_outbound_headers=validate,
+            )
         )
         self.conn.initiate_connection()
         self.flush()
         self.streams: Dict[int, dict] = {}
         self.autoAck = True
+        self.terminated: Optional[int] = None  # the GOAWAY's error code, once the server ended the connection
 
     def flush(self) -> None:
         data = self.conn.data_to_send()
@@ -75,10 +83,19 @@ class H2Client:
                 state["ended"] = True
             elif isinstance(event, h2.events.StreamReset) and state is not None:
                 state["reset"] = True
+                state["resetCode"] = event.error_code
+            elif isinstance(event, h2.events.ConnectionTerminated):
+                self.terminated = event.error_code
         self.flush()
 
     def start(
-        self, method: str, path: str, headers=(), body: Optional[bytes] = None, more: bool = False
+        self,
+        method: str,
+        path: str,
+        headers=(),
+        body: Optional[bytes] = None,
+        more: bool = False,
+        authority: bytes = b"a.example.test",
     ) -> int:  # type: ignore[no-untyped-def]
         """Open a stream; with C{more}, the body follows by L{sendBody}."""
         sid = self.conn.get_next_available_stream_id()
@@ -86,7 +103,7 @@ class H2Client:
             (b":method", method.encode()),
             (b":path", path.encode()),
             (b":scheme", b"https"),
-            (b":authority", b"a.example.test"),
+            (b":authority", authority),
         ]
         fields += [(k.lower(), v) for k, v in headers]
         self.streams[sid] = {
@@ -96,6 +113,7 @@ class H2Client:
             "unacked": 0,
             "ended": False,
             "reset": False,
+            "resetCode": None,
             "trailers": None,
         }
         self.conn.send_headers(sid, fields, end_stream=body is None and not more)
@@ -356,10 +374,87 @@ class H2Tests(TestCase):
             self.client.request, "GET", API + "y", ((b"expect", b"nothing"),)
         )
         self.assertEqual(status, 417)
+        # Over --max-header-bytes (64 KiB here) in bytes rather than fields: a 431 too, as over HTTP/1.1.
+        status, headers, body = yield self.call(self.client.request, "GET", API + "x", ((b"x-big", b"v" * 70000),))
+        self.assertEqual(status, 431)
         # The connection survives refusals of single streams.
         status, _, _ = yield self.call(self.client.request, "GET", API + "ok")
         self.assertEqual(status, 200)
         self.assertNotIn(b"x-h1", [k for k, _ in self.upstream.last.headers])
+
+    @defer.inlineCallbacks
+    def test_malformedRequestsRefused(self):  # type: ignore[no-untyped-def]
+        """
+        What HTTP/1.1 refuses in its request line or Host is refused on its stream with a 400 (RFC 9113 8.1.1),
+        never forwarded: C{:method} and C{:path} would become the upstream's request line.
+        """
+        client = yield self.call(H2Client, self.gw.port, self.ca, False)
+        self.addCleanup(client.close)
+
+        def ask(method: str, path: str, authority: bytes) -> Response:
+            return client.finish(client.start(method, path, (), None, False, authority))
+
+        cases = [
+            ("GET /admin HTTP/1.1", RP + "x", b"a.example.test", "invalid request method"),
+            ("GET\t/admin", RP + "x", b"a.example.test", "invalid request method"),
+            ("get", RP + "x", b"a.example.test", "invalid request method"),
+            ("FROB", RP + "x", b"a.example.test", "invalid request method"),
+            ("GET", RP + "x HTTP/1.1", b"a.example.test", "invalid request target"),
+            ("GET", RP + "x\x01", b"a.example.test", "invalid request target"),
+            ("GET", RP + "x", b"a.example.test foo", "invalid :authority"),
+            ("GET", RP + "x", b"a.example.test/admin", "invalid :authority"),
+        ]
+        before = len(self.upstream.requests)
+        for method, path, authority, message in cases:
+            status, _, body = yield self.call(ask, method, path, authority)
+            self.assertEqual((status, json.loads(body)["message"]), (400, message), (method, path, authority))
+        self.assertEqual(len(self.upstream.requests), before)
+        # Single streams refused: the connection goes on.
+        status, _, body = yield self.call(ask, "PATCH", RP + "x", b"a.example.test:443")
+        self.assertEqual((status, body), (200, b"PATCH /x 0"))
+
+    @defer.inlineCallbacks
+    def test_controlCharactersEndTheConnection(self):  # type: ignore[no-untyped-def]
+        """CR, LF or NUL in any field: h2 ends the connection (PROTOCOL_ERROR), nothing is forwarded."""
+
+        def send(path: str, headers, authority: bytes) -> Optional[int]:  # type: ignore[no-untyped-def]
+            client = H2Client(self.gw.port, self.ca, validate=False)
+            try:
+                state = client.streams[client.start("GET", path, headers, None, False, authority)]
+                while client.terminated is None and not (state["ended"] or state["reset"]):
+                    client._pump()
+            except ConnectionError:
+                pass
+            finally:
+                client.close()
+            return client.terminated
+
+        cases = [
+            (RP + "x\r\nX-Injected: 1", (), b"a.example.test"),
+            (RP + "x\x00", (), b"a.example.test"),
+            (RP + "x", ((b"x-a", b"1\r\nx-injected: 1"),), b"a.example.test"),
+            (RP + "x", ((b"x-a", b"1\nx"),), b"a.example.test"),
+            (RP + "x", ((b"x-a", b"1\x00"),), b"a.example.test"),
+            (RP + "x", (), b"a.example.test\r\nx-injected: 1"),
+        ]
+        before = len(self.upstream.requests)
+        for path, headers, authority in cases:
+            code = yield self.call(send, path, headers, authority)
+            self.assertEqual(code, ErrorCodes.PROTOCOL_ERROR, (path, headers, authority))
+        self.assertEqual(len(self.upstream.requests), before)
+
+    @defer.inlineCallbacks
+    def test_truncatedResponseIsAnError(self):  # type: ignore[no-untyped-def]
+        """An upstream gone after the head: RST_STREAM with INTERNAL_ERROR, never NO_ERROR (a complete look)."""
+        sid = yield self.call(self.client.start, "GET", RP + "sse")
+        yield self.call(self.client.waitFor, sid, "received", 1)
+        [stream] = self.upstream.streams
+        stream.transport.loseConnection()  # no last chunk: the response is cut short
+        state = yield self.call(self.client.waitFor, sid, "ended")
+        self.assertEqual((state["ended"], state["reset"]), (False, True))
+        self.assertEqual(state["resetCode"], ErrorCodes.INTERNAL_ERROR)
+        status, _, _ = yield self.call(self.client.request, "GET", API + "after")
+        self.assertEqual(status, 200)
 
     @defer.inlineCallbacks
     def test_curl(self):  # type: ignore[no-untyped-def]
