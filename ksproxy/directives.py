@@ -507,7 +507,8 @@ def compileRewriteRule(text: str) -> RewriteRule:
 def _checkPathPiece(piece: str, text: str, what: str) -> None:
     if "?" in piece or "#" in piece or " " in piece:
         raise ValueError(
-            f"{what} {text!r}: {piece!r} cannot contain '?', '#' or a space (it works on the path)"
+            f"{what} {text!r}: {piece!r} cannot contain '?', '#' or a space (it works on the path; a rewrite "
+            "TARGET can set the query)"
         )
     _encodeLiteral(piece, _CTX_PATH, text)
     if any(isDotDot(seg.encode("utf-8")) for seg in piece.split("/")):
