@@ -2,7 +2,8 @@
 ReverseProxy directives (SPEC 4.1-4.3): compiled once when a resource is loaded, applied per request.
 
 Everything that can be wrong with a rule is found by the C{compile*} functions, which raise C{ValueError}
-with a message fit for a rejection; the C{apply*} functions never parse and never fail.
+with a message fit for a rejection; the C{apply*} functions never parse, and fail only with L{BadPath} (a
+400) when the request's own bytes would form a C{..} segment in a path that a directive built.
 
 Choices where the SPEC is silent:
  - Templates: C{{{} and C{}}} are a literal brace (Python's convention); a lone C{}} or an unclosed C{{} is
@@ -12,6 +13,12 @@ Choices where the SPEC is silent:
    character but HTAB is dropped (so nothing can inject CR/LF); in a path, controls, space, DEL, C{#}, C{?}
    and a C{%} that does not start an escape are percent-encoded; in a query, controls, space, DEL and C{#}
    are.  A client's raw path and query contain none of those, so they pass byte for byte.
+ - In a path, every placeholder but C{{path}} and C{{http.request.uri.path}} (already normalised paths) also
+   has C{/} and C{\\} percent-encoded, so its value stays inside one segment; a value that would make its
+   segment C{..} (in any C{%2e} spelling) is a 400: dot-segments are removed after substitution, and that one
+   would take away the segment the operator wrote before it.  The same holds for a C{..} that C{replace} or
+   C{pathRegexp} puts together from the path (e.g. by turning C{%2F} into C{/}); a literal C{..} segment in
+   their REPLACEMENT is a load-time error.
  - Header rules: KubeSphere's C{Name value} takes everything after the first space as the value
    (C{Cache-Control no-cache, no-store} sets one header), so the two-argument C{Name search replacement}
    form that KubeSphere's Go type comments mention (and its gateway never implemented) is I{not} supported:
@@ -39,7 +46,17 @@ import attrs
 
 from ksproxy.http.headers import Headers
 from ksproxy.model.types import Directives, HeaderRule, RegexpRule, RewriteRule, Template
-from ksproxy.paths import PathPattern, compilePattern, decodeSegments, normalisePath, stripPrefix, stripSuffix
+from ksproxy.paths import (
+    BadPath,
+    PathPattern,
+    compilePattern,
+    decodeSegments,
+    hasDotDot,
+    isDotDot,
+    normalisePath,
+    stripPrefix,
+    stripSuffix,
+)
 
 __all__ = [
     "RequestView",
@@ -95,6 +112,10 @@ _QUERY_BAD = _CTL + b" #"
 _QUERY_OK = bytes(b for b in range(256) if b not in _QUERY_BAD)
 _PATH_BAD = _QUERY_BAD + b"?"
 _PATH_OK = bytes(b for b in range(256) if b not in _PATH_BAD)
+# A value that is not itself a path (header, query, host, method) must stay inside its segment: "/" would
+# start a new one, and some upstreams take "\\" for "/".
+_SEGMENT_BAD = _PATH_BAD + b"/\\"
+_SEGMENT_OK = bytes(b for b in range(256) if b not in _SEGMENT_BAD)
 _HEXDIGITS = b"0123456789abcdefABCDEF"
 
 
@@ -237,12 +258,12 @@ def _validEscapes(value: bytes) -> bool:
     return True
 
 
-def _safePath(value: bytes) -> bytes:
-    if not value.translate(None, _PATH_OK) and (b"%" not in value or _validEscapes(value)):
+def _safePath(value: bytes, ok: bytes = _PATH_OK, bad: bytes = _PATH_BAD) -> bytes:
+    if not value.translate(None, ok) and (b"%" not in value or _validEscapes(value)):
         return value
     out = []
     for i, c in enumerate(value):
-        if c in _PATH_BAD:
+        if c in bad:
             out.append(b"%%%02X" % c)
         elif c == 0x25:
             digits = value[i + 1 : i + 3]
@@ -253,7 +274,23 @@ def _safePath(value: bytes) -> bytes:
     return b"".join(out)
 
 
+def _safeSegment(value: bytes) -> bytes:
+    return _safePath(value, _SEGMENT_OK, _SEGMENT_BAD)
+
+
 _SAFE = {_CTX_HEADER: _safeHeader, _CTX_PATH: _safePath, _CTX_QUERY: _safeQuery}
+
+
+def _onlyDots(value: bytes) -> bool:
+    """True when C{value} is made of C{.} and C{%2e} alone: only such a value can be part of a dot-segment."""
+    return not value.replace(b"%2e", b"").replace(b"%2E", b"").strip(b".")
+
+
+def _formsDotDot(out: bytes, start: int, end: int) -> bool:
+    """Whether C{out[start:end]} lies in a C{..} segment (in any C{%2e} spelling) of the path C{out}."""
+    left = out.rfind(b"/", 0, start) + 1
+    right = out.find(b"/", end)
+    return isDotDot(out[left : right if right >= 0 else len(out)])
 
 
 def _render(t: Template, ctx: str, view: RequestView, pathValue: bytes) -> bytes:
@@ -263,6 +300,7 @@ def _render(t: Template, ctx: str, view: RequestView, pathValue: bytes) -> bytes
         return constant
     safe = _SAFE[ctx]
     out = []
+    dotty: List[int] = []  # indexes in out of client values that could be (part of) a dot-segment
     for code, arg in ct.ops:  # type: ignore[attr-defined]
         if code == _LIT:
             out.append(arg)
@@ -271,16 +309,32 @@ def _render(t: Template, ctx: str, view: RequestView, pathValue: bytes) -> bytes
             v = pathValue
         elif code == _URIPATH:
             v = view.rawPath
-        elif code == _QUERY:
-            v = view.query or b""
-        elif code == _METHOD:
-            v = view.method
-        elif code == _HOST:
-            v = view.host
         else:
-            v = b",".join(view.headers.getAll(arg))
+            if code == _QUERY:
+                v = view.query or b""
+            elif code == _METHOD:
+                v = view.method
+            elif code == _HOST:
+                v = view.host
+            else:
+                v = b",".join(view.headers.getAll(arg))
+            if ctx == _CTX_PATH:
+                # The path-valued placeholders are normalised paths; every other value comes from the client
+                # and must not leave its segment nor form "..", which would remove what the operator wrote.
+                v = _safeSegment(v)
+                if v and _onlyDots(v):
+                    dotty.append(len(out))
+                out.append(v)
+                continue
         out.append(safe(v))
-    return b"".join(out)
+    if not dotty:
+        return b"".join(out)
+    rendered = b"".join(out)
+    for index in dotty:
+        start = sum(len(piece) for piece in out[:index])
+        if _formsDotDot(rendered, start, start + len(out[index])):
+            raise BadPath("a placeholder value would form a '..' segment in the rewritten path")
+    return rendered
 
 
 def renderTemplate(template: Template, view: RequestView) -> bytes:
@@ -453,9 +507,13 @@ def compileRewriteRule(text: str) -> RewriteRule:
 def _checkPathPiece(piece: str, text: str, what: str) -> None:
     if "?" in piece or "#" in piece or " " in piece:
         raise ValueError(
-            f"{what} {text!r}: {piece!r} cannot contain '?', '#' or a space (it works on the path)"
+            f"{what} {text!r}: {piece!r} cannot contain '?', '#' or a space (it works on the path; a rewrite "
+            "TARGET can set the query)"
         )
     _encodeLiteral(piece, _CTX_PATH, text)
+    if any(isDotDot(seg.encode("utf-8")) for seg in piece.split("/")):
+        # Refused at request time too (see _substituted): say so when the rule is loaded.
+        raise ValueError(f"{what} {text!r}: {piece!r} has a '..' segment; write the path it stands for")
 
 
 def compileReplaceRule(text: str) -> Tuple[str, str]:
@@ -596,9 +654,18 @@ def applyRequestDirectives(d: Directives, view: RequestView) -> None:
     for search, replacement in d.replace:
         s, r = _replaceBytes(search, replacement)
         if s in view.rawPath:
-            view.rawPath = normalisePath(view.rawPath.replace(s, r))
+            view.rawPath = _substituted(view.rawPath.replace(s, r), "replace")
     for rr in d.pathRegexp:
         before = view.rawPath.decode("utf-8", "surrogateescape")
         after = rr.pattern.sub(rr.replacement, before)  # type: ignore[attr-defined]
         if after != before:
-            view.rawPath = normalisePath(after.encode("utf-8", "surrogateescape"))
+            view.rawPath = _substituted(after.encode("utf-8", "surrogateescape"), "pathRegexp")
+
+
+def _substituted(raw: bytes, what: str) -> bytes:
+    # The path was free of dot-segments before the substitution, and a literal ".." in a REPLACEMENT is
+    # refused at load time, so a ".." here was put together from the client's bytes (an unescaped "%2F", a
+    # group): removing it would let the client take away what the operator wrote.
+    if hasDotDot(raw):
+        raise BadPath(f"{what} would make a '..' segment of the path")
+    return normalisePath(raw)

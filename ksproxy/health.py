@@ -16,6 +16,7 @@ from twisted.internet import defer, task
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from .failures import describeFailure
 from .model.types import APIService, Endpoint, HealthCheck, Resource, ReverseProxy
 
 __all__ = ["CheckerKey", "Checker", "HealthRegistry", "checksOf"]
@@ -99,10 +100,9 @@ class Checker:
             if self._stopped:
                 return None
             if isinstance(result, Failure):
-                if result.check(defer.CancelledError):
-                    self.record(f"no answer within {self.check.timeout:g}s")
-                else:
-                    self.record(result.getErrorMessage() or result.type.__name__)
+                # Our own timer cancels with CancelledError; the client's timeout comes wrapped in a
+                # ResponseNeverReceived whose text is a list repr: both read "no answer within Ns".
+                self.record(describeFailure(result, self.check.timeout))
             else:
                 self.record(result)  # type: ignore[arg-type]
             return None

@@ -99,6 +99,16 @@ def _mayHaveDots(raw: bytes) -> bool:
 _DOT_FORMS = {b".": 1, b"%2e": 1, b"..": 2, b".%2e": 2, b"%2e.": 2, b"%2e%2e": 2}
 
 
+def isDotDot(segment: bytes) -> bool:
+    """Whether one raw segment is C{..}, in any of its C{%2e} spellings."""
+    return len(segment) <= 6 and _DOT_FORMS.get(segment.lower()) == 2
+
+
+def hasDotDot(raw: bytes) -> bool:
+    """Whether the raw path C{raw} has a C{..} segment (which would remove the segment before it)."""
+    return _mayHaveDots(raw) and any(isDotDot(seg) for seg in raw.split(b"/"))
+
+
 def _removeDots(raw: bytes, strict: bool) -> bytes:
     """
     RFC 3986 5.2.4 on the raw bytes, segment by segment (also the C{%2e}/C{%2E} forms).  With C{strict}, a

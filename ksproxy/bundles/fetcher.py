@@ -18,6 +18,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from ksproxy.bundles.content import BundleContent, bundleLinks, makeContent
+from ksproxy.failures import describeFailure
 from ksproxy.model.types import Endpoint, EndpointSource, JSBundle
 
 __all__ = ["BundleFetcher"]
@@ -175,7 +176,7 @@ class BundleFetcher:
         if not self._current(endpoint, entry, generation):
             return  # superseded (often by our own cancel): nobody is waiting for it
         entry.pending = None
-        entry.error = failure.getErrorMessage() or failure.type.__name__
+        entry.error = describeFailure(failure)
         entry.failures += 1
         delay = min(self._maxRetryDelay, self._retryDelay * 2 ** min(entry.failures - 1, 30))
         self._log.warn(

@@ -343,7 +343,13 @@ class Gateway:
         rewriteResponse = None
         if directives.active:
             view = RequestView(method=method, host=clientHost, rawPath=rawPath, query=query, headers=headers)
-            applyRequestDirectives(directives, view)
+            try:
+                applyRequestDirectives(directives, view)
+            except BadPath as e:
+                # The client's bytes would have built a ".." into the rewritten path (directives module doc).
+                exchange.discardBody()
+                exchange.sendError(400, f"bad request path: {e}")
+                return
             method, rawPath, query = view.method, view.rawPath, view.query
             if directives.headerDown:
                 rules = directives.headerDown

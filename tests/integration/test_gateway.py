@@ -35,6 +35,15 @@ spec:
 ---
 apiVersion: extensions.kubesphere.io/v1alpha1
 kind: ReverseProxy
+metadata: {{name: ph}}
+spec:
+  matcher: {{path: /ph/*, method: '*'}}
+  upstream: {{url: 'http://127.0.0.1:{port}'}}
+  directives:
+    rewrite: ['/ph/* /t/{{http.request.header.X-Target}}{{path}}?q=1']
+---
+apiVersion: extensions.kubesphere.io/v1alpha1
+kind: ReverseProxy
 metadata: {{name: disabled}}
 spec:
   matcher: {{path: /off/*, method: '*'}}
@@ -127,6 +136,16 @@ class GatewayTests(_GatewayCase):
         data = yield rawRequest(self.gw.port, b"GET /proxy/app/../../etc HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         self.assertTrue(data.startswith(b"HTTP/1.1 400") or data.startswith(b"HTTP/1.1 404"), data[:100])
         self.assertEqual(self.upstream.requests, [])
+
+    @defer.inlineCallbacks
+    def test_headerPlaceholderCannotClimbOutOfRewrite(self):  # type: ignore[no-untyped-def]
+        """A header's "/" stays inside its segment; a header that is ".." would remove "/t": 400, not sent."""
+        status, _, _ = yield httpRequest(self.gw.port, "GET", "/ph/abc", {"X-Target": "../../admin"})
+        self.assertEqual(status, 200)
+        self.assertEqual(self.upstream.last.uri, b"/t/..%2F..%2Fadmin/abc?q=1")
+        status, _, _ = yield httpRequest(self.gw.port, "GET", "/ph/abc", {"X-Target": ".."})
+        self.assertEqual(status, 400)
+        self.assertEqual(len(self.upstream.requests), 1)
 
     @defer.inlineCallbacks
     def test_bundles(self):  # type: ignore[no-untyped-def]

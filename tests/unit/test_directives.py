@@ -15,6 +15,7 @@ from ksproxy.directives import (
 )
 from ksproxy.http.headers import Headers
 from ksproxy.model.types import Directives, HeaderRule, RewriteRule, Template
+from ksproxy.paths import BadPath
 
 
 def view(path=b"/a/b", query=b"x=1&x=2;y", method=b"GET", host=b"gw.example", headers=()):
@@ -288,6 +289,68 @@ def test_rewritePlaceholderValuesAreMadeSafe():
     assert v.query == b"v=a%20b?c%23d%zz%41%0D%0A"
 
 
+def _rewritten(rule, **kw):
+    v = view(**kw)
+    applyRequestDirectives(Directives(rewrite=(compileRewriteRule(rule),)), v)
+    return v.rawPath
+
+
+@pytest.mark.parametrize(
+    "target,kw,expected",
+    [
+        ("/t/{http.request.header.x-t}{path}", dict(headers=[(b"X-T", b"../../admin")]), b"/t/..%2F..%2Fadmin/abc"),
+        ("/t/{http.request.header.x-t}{path}", dict(headers=[(b"X-T", b"..\\admin")]), b"/t/..%5Cadmin/abc"),
+        ("/t/{query}{path}", dict(query=b"../../admin"), b"/t/..%2F..%2Fadmin/abc"),
+        ("/t/{host}{path}", dict(host=b"a/../.."), b"/t/a%2F..%2F../abc"),
+        # "." only removes itself, and "..." is no dot-segment: neither can take "/t" away.
+        ("/t/{http.request.header.x-t}{path}", dict(headers=[(b"X-T", b".")]), b"/t/abc"),
+        ("/t/{http.request.header.x-t}{path}", dict(headers=[(b"X-T", b"...")]), b"/t/.../abc"),
+        ("/t/{http.request.header.x-t}", dict(headers=[(b"X-T", b"..x")]), b"/t/..x"),
+        # The path-valued placeholders are normalised paths and keep their slashes.
+        ("/t{http.request.uri.path}", {}, b"/t/ph/abc"),
+    ],
+)
+def test_rewritePlaceholderStaysInItsSegment(target, kw, expected):
+    assert _rewritten("/ph/* " + target, path=b"/ph/abc", **kw) == expected
+
+
+@pytest.mark.parametrize(
+    "target,kw",
+    [
+        ("/t/{http.request.header.x-t}{path}", dict(headers=[(b"X-T", b"..")])),
+        ("/t/{http.request.header.x-t}{path}", dict(headers=[(b"X-T", b"%2e%2E")])),
+        ("/t/{http.request.header.x-t}", dict(headers=[(b"X-T", b".%2e")])),
+        ("/t/.{http.request.header.x-t}/x", dict(headers=[(b"X-T", b".")])),
+        ("/t/{http.request.header.x-t}{http.request.header.x-t}/x", dict(headers=[(b"X-T", b".")])),
+        ("/t/{query}{path}", dict(query=b"..")),
+        ("/t/{host}{path}", dict(host=b"..")),
+        ("/t/{method}{path}", dict(method=b"..")),
+    ],
+)
+def test_rewritePlaceholderCannotFormDotDot(target, kw):
+    """A client value that would make its segment ".." is refused: removing it would take "/t" away."""
+    with pytest.raises(BadPath, match="'..' segment"):
+        _rewritten("/ph/* " + target, path=b"/ph/abc", **kw)
+
+
+def test_dotDotBuiltByReplaceOrRegexpIsRefused():
+    """replace and pathRegexp cannot put a ".." together from the client's bytes either."""
+    d = Directives(
+        rewrite=(compileRewriteRule("/ph/* /t{path}"),),
+        replace=(compileReplaceRule("%2F /"),),
+    )
+    v = view(path=b"/ph/a%2F..%2F..%2Fadmin")
+    with pytest.raises(BadPath, match="replace"):
+        applyRequestDirectives(d, v)
+    v = view(path=b"/a/.-.")
+    with pytest.raises(BadPath, match="pathRegexp"):
+        applyRequestDirectives(Directives(pathRegexp=(compileRegexpRule("^/a/(.*)-(.*)$ /t/$1$2"),)), v)
+    # A single "." so made is only removed, as before.
+    v = view(path=b"/a/.-x")
+    applyRequestDirectives(Directives(pathRegexp=(compileRegexpRule("^/a/(.*)-x$ /t/$1/y"),)), v)
+    assert v.rawPath == b"/t/y"
+
+
 def test_rewriteRuleShape():
     rule = compileRewriteRule("  /old/*   /new{path}?a={query}  ")
     assert isinstance(rule, RewriteRule)
@@ -359,7 +422,7 @@ def test_compileReplaceRule():
 
 
 @pytest.mark.parametrize(
-    "text", ["", "/a", "/a /b /c", '"" /x', "/a /b?x", "/a /b#", "/a /b c", "/a /\u00fc", "/a /%zz"]
+    "text", ["", "/a", "/a /b /c", '"" /x', "/a /b?x", "/a /b#", "/a /b c", "/a /\u00fc", "/a /%zz", "/a /b/../c", "/a /%2e."]
 )
 def test_badReplace(text):
     with pytest.raises(ValueError):
@@ -398,6 +461,7 @@ def test_pathRegexp(text, path, expected):
         (r"^/(\w+) /$2", "does not have"),
         (r"^/(\w+) /${name}", "does not have"),
         ("^/a /b?c", "cannot contain"),
+        ("^/a(.*) /b/../c$1", "'..' segment"),
         ("^/a", "REGEX REPLACEMENT"),
         ("^/a /b /c", "REGEX REPLACEMENT"),
     ],

@@ -8,7 +8,9 @@ from __future__ import annotations
 from typing import Dict, List, Optional, Tuple
 
 from twisted.internet import defer, task
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
+from twisted.web._newclient import ResponseNeverReceived
 
 from ksproxy.health import Checker, HealthRegistry, checksOf, httpProbe
 from ksproxy.model.types import (
@@ -145,6 +147,14 @@ class RegistryTests(SynchronousTestCase):
         self.assertTrue(self.registry.isDown(A.key))
         self.assertEqual(self.probe.pending(), 0)  # the probe's Deferred was cancelled
         self.assertIn("no answer within 2s", self.registry.describe()[0]["lastError"])
+
+    def test_clientTimeoutReadsAsATimeout(self) -> None:
+        """treq's timeout ends the probe first, wrapped in ResponseNeverReceived: no list repr in lastError."""
+        check = HealthCheck(interval=10.0, timeout=1.0, fall=1)
+        self.reconcile(rp("one", A, check))
+        _, _, d = self.probe.calls[0]
+        d.errback(ResponseNeverReceived([Failure(defer.CancelledError())]))
+        self.assertEqual(self.registry.describe()[0]["lastError"], "no answer within 1s")
 
     def test_probeRaisingIsAFailureNotADeadChecker(self) -> None:
         def raising(endpoint, check):  # type: ignore[no-untyped-def]
