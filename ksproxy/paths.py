@@ -25,6 +25,7 @@ Choices where the SPEC is silent:
 from __future__ import annotations
 
 import functools
+import re
 from typing import List, Optional, Tuple, Union
 from urllib.parse import unquote_to_bytes
 
@@ -332,6 +333,18 @@ class PathPattern:
 
 
 _PATTERN_BAD = frozenset(chr(c) for c in range(0x20)) | {"\x7f", "?", "#"}
+_ESCAPE = re.compile(r"%[0-9A-Fa-f]{2}")
+
+
+def escapeInRoutePath(path: str) -> Optional[str]:
+    """
+    The first percent-escape in a route path (a matcher, a bundle link, a non-resource URL), or None.  Requests
+    are matched on their decoded segments (SPEC 2.1), so C{/%65nc} in a route would only ever match a request
+    for C{/%2565nc}: accepted, it would look servable and be unreachable.
+    """
+    m = _ESCAPE.search(path)
+    return m.group(0) if m else None
+
 
 
 def compilePattern(pattern: str) -> PathPattern:
@@ -355,6 +368,12 @@ def _compilePattern(pattern: str) -> PathPattern:
     bad = [c for c in source if c in _PATTERN_BAD]
     if bad:
         raise ValueError(f"path pattern {source!r} contains {bad[0]!r} (a matcher has no query or fragment)")
+    escape = escapeInRoutePath(source)
+    if escape is not None:
+        raise ValueError(
+            f"path pattern {source!r} contains the escape {escape!r}: requests are matched on their decoded path, "
+            "so write the character itself"
+        )
     body = "/*" if source == "*" else source
     if not body.startswith("/"):
         raise ValueError(f"path pattern {source!r} must start with '/'")

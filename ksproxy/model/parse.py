@@ -710,6 +710,7 @@ def _apiService(ctx: Context, top: Fields, meta: ObjectMeta, state: Optional[str
             raise Invalid(where, f"{url!r} must be an absolute path (start with '/', no spaces, '?' or '#')")
         if "*" in url[:-1]:
             raise Invalid(where, f"{url!r}: '*' is allowed only as the last character (a prefix match)")
+        _noEscape(where, url)
         urls.append(url)
     endpoint = _endpoint(ctx, spec, urlAliases=("endpoint",))
     assert endpoint is not None
@@ -1223,7 +1224,18 @@ def _checkLink(field: str, link: str) -> str:
         raise Invalid(field, f"{link!r} must not contain whitespace, control characters, '?' or '#'")
     if any(s in (".", "..") for s in link.split("/")):
         raise Invalid(field, f"{link!r} must not contain '.' or '..' segments")
+    _noEscape(field, link)
     return link
+
+
+def _noEscape(field: str, path: str) -> None:
+    escape = _paths.escapeInRoutePath(path)
+    if escape is not None:
+        raise Invalid(
+            field,
+            f"{path!r} contains the escape {escape!r}: requests are matched on their decoded path, so write the "
+            "character itself",
+        )
 
 
 def _assets(ctx: Context, spec: Fields, extension: str, mainLink: str) -> Tuple[Asset, ...]:

@@ -527,6 +527,7 @@ def test_apiServiceURLPathIsNotUsed() -> None:
         ({"nonResourceURLs": "/healthz"}, "spec.nonResourceURLs", "must be a list"),
         ({"nonResourceURLs": ["/ok", 3]}, "spec.nonResourceURLs[1]", "must be a string"),
         ({"nonResourceURLs": ["healthz"]}, "spec.nonResourceURLs[0]", "start with '/'"),
+        ({"nonResourceURLs": ["/%68ealthz"]}, "spec.nonResourceURLs[0]", "write the character itself"),
         ({"nonResourceURLs": ["/a/*/b"]}, "spec.nonResourceURLs[0]", "last character"),
         ({"healthCheck": "yes"}, "spec.healthCheck", "must be an object"),
     ],
@@ -1113,6 +1114,7 @@ def test_jsBundleLink() -> None:
         ("/dist/x/index.js?v=1", "'?'"),
         ("/dist/x index.js", "whitespace"),
         ("/dist/../etc/passwd", "'..'"),
+        ("/dist/%73hared/index.js", "write the character itself"),
         (7, "must be a string"),
     ],
 )
