@@ -34,6 +34,7 @@ from twisted.python import log
 from twisted.python.failure import Failure
 
 from .http.writes import awaitingReply, outbox
+from .workers import OneAcceptPerWakeUp
 
 __all__ = ["KsproxyReactor", "Server", "SharedPort", "install"]
 
@@ -180,12 +181,9 @@ class Port(tcp.Port):
             self.numberAccepts = max(1, accepted)
 
 
-class SharedPort(Port):
+class SharedPort(OneAcceptPerWakeUp, Port):
     """
-    A listening port whose socket other processes accept from too (C{--workers}): it takes one connection per
-    wake-up, as nginx does with C{multi_accept off}.  Twisted's batch of up to C{numberAccepts} (100 and
-    growing) handed a burst to whichever worker woke first: the 50 keep-alive connections of a client pool all
-    landed on one worker and the other stayed idle.
+    This reactor's L{Port} for a socket shared with other workers (L{OneAcceptPerWakeUp}).
 
     Every idle worker is still woken for each connection and all but one find nothing to accept.
     C{EPOLLEXCLUSIVE} (nginx's choice) would wake one, but always the first idle worker registered: at light
@@ -193,14 +191,6 @@ class SharedPort(Port):
     later.  With two workers the extra wake-ups cost nothing measurable (bench/RESULTS.md), so this port
     keeps the even spread.
     """
-
-    @property
-    def numberAccepts(self) -> int:
-        return 1
-
-    @numberAccepts.setter
-    def numberAccepts(self, value: int) -> None:
-        pass  # doRead grows it after a full batch; here a batch is always one
 
 
 class KsproxyReactor(EPollReactor):

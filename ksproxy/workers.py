@@ -29,7 +29,7 @@ from zope.interface import implementer
 
 from .workermetrics import WORKER_COUNT, WORKER_DIR
 
-__all__ = ["Supervisor", "bindListening", "inheritedEndpoint", "workerArgv", "packageRoot", "LISTEN_FDS"]
+__all__ = ["OneAcceptPerWakeUp", "Supervisor", "bindListening", "inheritedEndpoint", "workerArgv", "packageRoot", "LISTEN_FDS"]
 
 # The environment variable that tells a worker which descriptors hold its --listen sockets, in order.
 LISTEN_FDS = "KSPROXY_LISTEN_FDS"
@@ -67,11 +67,12 @@ def bindListening(description: str) -> socket.socket:
     return sock
 
 
-class _OneAcceptPort(tcp.Port):
+class OneAcceptPerWakeUp:
     """
-    A listening port that accepts one connection per wake-up, for reactors other than ksproxy's (which has
-    its own, L{ksproxy.reactor.SharedPort}).  Twisted's batch
-    of up to C{numberAccepts} (100 and growing) would hand a burst to whichever worker woke first.
+    Mixed into a listening port whose socket other processes accept from too (C{--workers}): it takes one
+    connection per wake-up, as nginx does with C{multi_accept off}.  Twisted's batch of up to
+    C{numberAccepts} (100 and growing) handed a burst to whichever worker woke first: the 50 keep-alive
+    connections of a client pool all landed on one worker and the other stayed idle.
     """
 
     @property
@@ -80,7 +81,11 @@ class _OneAcceptPort(tcp.Port):
 
     @numberAccepts.setter
     def numberAccepts(self, value: int) -> None:
-        pass  # Port.doRead grows it after a full batch; here a batch is always one
+        pass  # doRead grows it after a full batch; here a batch is always one
+
+
+class _OneAcceptPort(OneAcceptPerWakeUp, tcp.Port):
+    """The shared port on reactors other than ksproxy's (which has its own, L{ksproxy.reactor.SharedPort})."""
 
 
 @implementer(IStreamServerEndpoint)
