@@ -358,6 +358,10 @@ class Gateway:
                     applyHeaderRules(rules, h, view)
 
         if directives.authProxy:
+            if directives.headerUp:
+                # The identity goes over any header rule (SPEC 4.2, docs/resources.md): a rule must not set
+                # X-Remote-User or add a group next to the one ksproxy authenticated.
+                stripIdentityHeaders(headers)
             addIdentityHeaders(headers, identity)
         if rp.upstreamPathPrefix and endpoint.path not in ("", "/"):
             rawPath = endpoint.path.rstrip("/").encode("utf-8") + rawPath

@@ -31,7 +31,11 @@ metadata: {{name: tool}}
 spec:
   matcher: {{path: /proxy/tool/*, method: '*'}}
   upstream: {{url: 'http://127.0.0.1:{port}'}}
-  directives: {{authProxy: true, stripPathPrefix: /proxy/tool}}
+  directives:
+    authProxy: true
+    stripPathPrefix: /proxy/tool
+    # Header rules that claim an identity: authProxy goes over them.
+    headerUp: ['X-Remote-User: injected', '+X-Remote-Group system:masters', 'X-Remote-Extra-Scopes: all', 'X-A: 1']
 ---
 apiVersion: extensions.kubesphere.io/v1alpha1
 kind: JSBundle
@@ -137,7 +141,11 @@ class AuthGatewayTests(TestCase):
         self.assertEqual(last.headerAll(b"x-remote-extra-scopes"), [])
         status, _, _ = yield self.get("/proxy/tool/page", token("alice", ["readers"]), X_Remote_User="admin")
         self.assertEqual(status, 200)
-        self.assertEqual(self.upstream.last.headerAll(b"x-remote-user"), [b"alice"])
+        last = self.upstream.last
+        self.assertEqual(last.headerAll(b"x-remote-user"), [b"alice"])
+        self.assertEqual(sorted(last.headerAll(b"x-remote-group")), [b"readers", b"system:authenticated"])
+        self.assertEqual(last.headerAll(b"x-remote-extra-scopes"), [])
+        self.assertEqual(last.headerAll(b"x-a"), [b"1"])  # the other rules still apply
 
 
 class DefaultUpstreamTests(TestCase):
