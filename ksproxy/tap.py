@@ -440,7 +440,11 @@ def makeRunService(config: RunOptions, reactor) -> service.MultiService:
             lambda checker: reconciler.report is not None and writer.update(statusInputs(reconciler.report, health))
         )
     # Authentication reviews (TokenReview, SubjectAccessReview) use the source's cluster credentials.
-    gateway.gate = buildGate(config, reactor, kubeApiClient=apiClient)
+    try:
+        gateway.gate = buildGate(config, reactor, kubeApiClient=apiClient)
+    except usage.UsageError as e:
+        # Key and policy files are read here, after option parsing: a bad one is still one line, not a traceback.
+        raise SystemExit(f"ksproxy: {e}") from None
 
     limits = ServerLimits(
         maxUrlBytes=config["max-url-bytes"],

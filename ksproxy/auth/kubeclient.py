@@ -17,7 +17,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 from zope.interface import Interface, implementer
 
-__all__ = ["IKubeReviewClient", "KubeAPIError", "ThreadedKubeClient", "apiClientFromConfig"]
+__all__ = ["IKubeReviewClient", "KubeAPIError", "ThreadedKubeClient", "apiClientFromConfig", "logReviewFailure"]
 
 
 class KubeAPIError(Exception):
@@ -26,6 +26,29 @@ class KubeAPIError(Exception):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(f"{status}: {message}")
         self.status = status
+
+
+def logReviewFailure(log: Any, what: str, failure: Any) -> None:
+    """
+    Log a failed review call: one warning line for what an API server that is down or refusing causes
+    (L{KubeAPIError}, connection and timeout errors), the traceback only for anything else (a bug).  The
+    failure is about the API call, never about the token, so it is safe to log.
+    """
+    from twisted.internet.defer import CancelledError
+
+    from ksproxy.failures import describeFailure
+
+    expected: tuple = (KubeAPIError, OSError, TimeoutError, CancelledError)
+    try:
+        import urllib3.exceptions
+
+        expected += (urllib3.exceptions.HTTPError,)
+    except ImportError:  # the kubernetes client (and urllib3 with it) is optional
+        pass
+    if failure.check(*expected):
+        log.warn("{what} failed: {error}", what=what, error=describeFailure(failure))
+    else:
+        log.failure("{what} failed", failure, what=what)
 
 
 class IKubeReviewClient(Interface):

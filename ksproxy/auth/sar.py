@@ -20,7 +20,7 @@ from ksproxy.auth._cache import ReviewCache
 from ksproxy.auth.attributes import RequestAttributes
 from ksproxy.auth.identity import Identity
 from ksproxy.auth.interfaces import ALLOW, DENY, NO_OPINION, IAuthorizer, Verdict
-from ksproxy.auth.kubeclient import IKubeReviewClient
+from ksproxy.auth.kubeclient import IKubeReviewClient, logReviewFailure
 
 __all__ = ["SAR_PATH", "SubjectAccessReviewAuthorizer", "subjectAccessReview", "verdictFromReview"]
 
@@ -94,5 +94,5 @@ class SubjectAccessReviewAuthorizer:
         return d
 
     def _failed(self, failure: Failure) -> Verdict:
-        _log.failure("SubjectAccessReview failed", failure)
+        logReviewFailure(_log, "SubjectAccessReview", failure)
         return Verdict("noOpinion", error="the cluster could not review the request")

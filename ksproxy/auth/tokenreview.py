@@ -21,7 +21,7 @@ from zope.interface import implementer
 from ksproxy.auth._cache import ReviewCache
 from ksproxy.auth.identity import Identity, isHeaderSafe
 from ksproxy.auth.interfaces import AuthnResult, IAuthenticator, Rejected, Unavailable
-from ksproxy.auth.kubeclient import IKubeReviewClient
+from ksproxy.auth.kubeclient import IKubeReviewClient, logReviewFailure
 
 __all__ = ["TOKENREVIEW_PATH", "TokenReviewAuthenticator", "identityFromTokenReview"]
 
@@ -100,6 +100,5 @@ class TokenReviewAuthenticator:
         return d
 
     def _failed(self, failure: Failure) -> AuthnResult:
-        # The failure is about the API call, never about the token: safe to log.
-        _log.failure("TokenReview failed", failure)
+        logReviewFailure(_log, "TokenReview", failure)
         return Unavailable("the cluster could not review the token")

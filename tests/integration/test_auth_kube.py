@@ -123,27 +123,46 @@ class ReviewTests(TestCase):
         decision = yield check(self.gate, b"GET", b"/api/v1/namespaces/prod/pods", "alice-token")
         self.assertEqual(decision.code, 403)
 
+    def _warnLines(self) -> list:
+        from twisted.logger import LogLevel, formatEvent, globalLogPublisher
+
+        events: list = []
+
+        def observe(event: dict) -> None:
+            if event.get("log_level") == LogLevel.warn:
+                events.append(formatEvent(event))
+
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
+        return events
+
     @inlineCallbacks
     def test_api_failures_are_503_and_not_cached(self):
+        warnings = self._warnLines()
         self.api.failNext(TOKENREVIEW_PATH, 500)
         decision = yield check(self.gate, b"GET", b"/api/v1/namespaces/dev/pods", "alice-token")
         self.assertEqual(decision.code, 503)
-        self.flushLoggedErrors()
+        # An API server that fails is expected at some point: one warning line, not a logged traceback.
+        self.assertEqual(self.flushLoggedErrors(), [])
+        self.assertTrue(any(w.startswith("TokenReview failed: KubeAPIError: 500") for w in warnings), warnings)
         decision = yield check(self.gate, b"GET", b"/api/v1/namespaces/dev/pods", "alice-token")
         self.assertEqual(decision.code, 200)
         self.api.failNext(SAR_PATH, 503)
         decision = yield check(self.gate, b"GET", b"/api/v1/namespaces/dev/configmaps", "alice-token")
         self.assertEqual(decision.code, 503)
-        self.flushLoggedErrors()
+        self.assertEqual(self.flushLoggedErrors(), [])
+        self.assertTrue(any(w.startswith("SubjectAccessReview failed: KubeAPIError: 503") for w in warnings))
         decision = yield check(self.gate, b"GET", b"/api/v1/namespaces/dev/configmaps", "alice-token")
         self.assertEqual(decision.code, 200)
 
     @inlineCallbacks
     def test_api_server_down(self):
+        warnings = self._warnLines()
         self.api.stop()
         decision = yield check(self.gate, b"GET", b"/api/v1/namespaces/dev/pods", "alice-token")
         self.assertEqual(decision.code, 503)
-        self.flushLoggedErrors()
+        self.assertEqual(self.flushLoggedErrors(), [])
+        self.assertTrue(any(w.startswith("TokenReview failed: ") for w in warnings), warnings)
 
     @inlineCallbacks
     def test_build_gate_from_options(self):

@@ -68,6 +68,22 @@ class OptionsTests(SynchronousTestCase):
 
 
 class ServiceTreeTests(SynchronousTestCase):
+    def test_aBadAuthFileIsOneLine(self) -> None:
+        """Authentication key and policy files are read when the service is built: a bad one is still one line."""
+        import tempfile
+
+        with tempfile.NamedTemporaryFile(suffix=".secret") as short:
+            short.write(b"short")
+            short.flush()
+            for args, fragment in [
+                (["--jwt-hs256-secret-file", short.name], "at least 32 are needed"),
+                (["--token-file", "/nonexistent/tokens.csv"], "No such file"),
+            ]:
+                with self.assertRaises(SystemExit) as caught:
+                    makeService(parse("run", "--source", "dir:/x", *args), Clock())
+                self.assertTrue(str(caught.exception).startswith("ksproxy: "), caught.exception)
+                self.assertIn(fragment, str(caught.exception))
+
     def test_aMistypedEndpointIsOneLine(self) -> None:
         """An endpoint string Twisted cannot use stops start-up with one line naming the option, not a
         traceback."""
