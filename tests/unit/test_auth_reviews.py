@@ -83,7 +83,7 @@ class TokenReviewTests(SynchronousTestCase):
         d = self.auth.authenticate("tok")
         self.client.calls[0][2].errback(KubeAPIError(500, "boom"))
         self.assertIsInstance(self.successResultOf(d), Unavailable)
-        self.assertEqual(len(self.flushLoggedErrors(KubeAPIError)), 1)
+        self.assertEqual(self.flushLoggedErrors(), [])  # an API error is a warning line, not a logged failure
         d2 = self.auth.authenticate("tok")
         self.assertEqual(len(self.client.calls), 2)
         self.client.calls[1][2].callback(tokenReviewAnswer())
@@ -214,7 +214,7 @@ class SubjectAccessReviewTests(SynchronousTestCase):
         d = self.authz.authorize(ALICE, self.pods)
         self.client.calls[1][2].errback(ConnectionRefusedError())
         self.assertTrue(self.successResultOf(d).error)
-        self.flushLoggedErrors(ConnectionRefusedError)
+        self.assertEqual(self.flushLoggedErrors(), [])  # connection refused: a warning line
         self.assertIsInstance(self.authz.authorize(ALICE, self.pods), Deferred)
         self.assertEqual(len(self.client.calls), 3)
 
