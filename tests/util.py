@@ -135,3 +135,23 @@ def eventually(condition, what: str = "condition", timeout: float = 5.0, steady:
         if reactor.seconds() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         yield deferLater(reactor, step, lambda: None)
+
+
+def capturedLog(case, namespace: Optional[str] = None, level=None) -> List[str]:  # type: ignore[no-untyped-def]
+    """
+    The formatted log events emitted until the end of the test C{case} (from C{namespace} and at C{level},
+    when given): a list that fills as they come.
+    """
+    from twisted.logger import formatEvent, globalLogPublisher
+
+    lines: List[str] = []
+
+    def observe(event: dict) -> None:
+        if (namespace is None or event.get("log_namespace") == namespace) and (
+            level is None or event.get("log_level") == level
+        ):
+            lines.append(formatEvent(event))
+
+    globalLogPublisher.addObserver(observe)
+    case.addCleanup(globalLogPublisher.removeObserver, observe)
+    return lines

@@ -21,6 +21,7 @@ from ksproxy.auth.tokenreview import TOKENREVIEW_PATH, TokenReviewAuthenticator
 from ksproxy.http.headers import Headers
 from ksproxy.paths import parseTarget
 from ksproxy.testing.kubeapi import FakeKubeAPI
+from tests.util import capturedLog
 
 USERS = {
     "alice-token": {"username": "alice", "uid": "a1", "groups": ["dev", "system:authenticated"]},
@@ -124,17 +125,9 @@ class ReviewTests(TestCase):
         self.assertEqual(decision.code, 403)
 
     def _warnLines(self) -> list:
-        from twisted.logger import LogLevel, formatEvent, globalLogPublisher
+        from twisted.logger import LogLevel
 
-        events: list = []
-
-        def observe(event: dict) -> None:
-            if event.get("log_level") == LogLevel.warn:
-                events.append(formatEvent(event))
-
-        globalLogPublisher.addObserver(observe)
-        self.addCleanup(globalLogPublisher.removeObserver, observe)
-        return events
+        return capturedLog(self, level=LogLevel.warn)
 
     @inlineCallbacks
     def test_api_failures_are_503_and_not_cached(self):

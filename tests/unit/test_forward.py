@@ -19,6 +19,7 @@ from ksproxy.http.server import HTTPServerFactory
 from ksproxy.http.upstream import UpstreamConnection, UpstreamPool
 from ksproxy.model.types import Endpoint
 from ksproxy.proxy.forward import ProxyCall, Timeouts, UpstreamRequest, stripHopByHop
+from tests.util import capturedLog
 
 UP = Endpoint("http", "10.0.0.1", 8080)
 T = Timeouts(connect=5.0, responseHeader=30.0, idle=60.0, tunnelIdle=300.0)
@@ -742,18 +743,7 @@ class FailureRightAfterTheHeadTests(ForwardTestCase):
         super().setUp()
         self.logged: List[Tuple[object, bool]] = []
         self.factory.accessLog = lambda exchange, aborted: self.logged.append((exchange.code, aborted))
-        from twisted.logger import globalLogPublisher
-
-        self.warnings: List[str] = []
-
-        def observe(event: dict) -> None:
-            if event.get("log_namespace") == "ksproxy.proxy.forward":
-                from twisted.logger import formatEvent
-
-                self.warnings.append(formatEvent(event))
-
-        globalLogPublisher.addObserver(observe)
-        self.addCleanup(globalLogPublisher.removeObserver, observe)
+        self.warnings = capturedLog(self, "ksproxy.proxy.forward")
 
     def queueClientWrites(self, client: Wire):  # type: ignore[no-untyped-def]
         """Make C{client} a plain-socket connection as in production: its writes wait for the turn's end."""
@@ -864,16 +854,7 @@ class _WarningsTestCase(ForwardTestCase):
 
     def setUp(self) -> None:
         super().setUp()
-        from twisted.logger import formatEvent, globalLogPublisher
-
-        self.warnings: List[str] = []
-
-        def observe(event: dict) -> None:
-            if event.get("log_namespace") == "ksproxy.proxy.forward":
-                self.warnings.append(formatEvent(event))
-
-        globalLogPublisher.addObserver(observe)
-        self.addCleanup(globalLogPublisher.removeObserver, observe)
+        self.warnings = capturedLog(self, "ksproxy.proxy.forward")
 
 
 class StatusRangeTests(_WarningsTestCase):
