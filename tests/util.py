@@ -155,3 +155,13 @@ def capturedLog(case, namespace: Optional[str] = None, level=None) -> List[str]:
     globalLogPublisher.addObserver(observe)
     case.addCleanup(globalLogPublisher.removeObserver, observe)
     return lines
+
+
+def readUntilClosed(sock: socket.socket) -> bytes:
+    """Read from a blocking socket until the server closes it (the socket's timeout bounds each read)."""
+    chunks = []
+    while True:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)

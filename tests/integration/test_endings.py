@@ -20,7 +20,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from ksproxy.http.server import LINGER_TOTAL, HTTPServerFactory, ServerLimits
 from tests.integration.gateway import RunningGateway
 from tests.integration.wire import listen, splitResponse
-from tests.util import CLIENT_TIMEOUT, rawRequest
+from tests.util import CLIENT_TIMEOUT, rawRequest, readUntilClosed
 
 MANIFESTS = """
 apiVersion: extensions.kubesphere.io/v1alpha1
@@ -60,12 +60,7 @@ def _halfClosed(port: int, data: bytes) -> bytes:
     try:
         s.sendall(data)
         s.shutdown(socket.SHUT_WR)
-        chunks = []
-        while True:
-            chunk = s.recv(65536)
-            if not chunk:
-                return b"".join(chunks)
-            chunks.append(chunk)
+        return readUntilClosed(s)
     finally:
         s.close()
 

@@ -27,7 +27,7 @@ from tests.integration.faulty import (
     staleOnSecond,
 )
 from tests.integration.gateway import RunningGateway
-from tests.util import CLIENT_TIMEOUT, eventually, httpRequest
+from tests.util import CLIENT_TIMEOUT, eventually, httpRequest, readUntilClosed
 
 PROXY = """
 apiVersion: extensions.kubesphere.io/v1alpha1
@@ -52,21 +52,11 @@ def sleep(seconds: float) -> defer.Deferred:
     return deferLater(reactor, seconds, lambda: None)
 
 
-def _readUntilClosed(s: socket.socket) -> bytes:
-    """Read until the server closes the connection (the test fails on a timeout)."""
-    got = b""
-    while True:
-        chunk = s.recv(65536)
-        if not chunk:
-            return got
-        got += chunk
-
-
 def _untilClosed(port: int, request: bytes) -> bytes:
     """Send C{request}, then read until the server closes the connection."""
     with socket.create_connection(("127.0.0.1", port), timeout=CLIENT_TIMEOUT) as s:
         s.sendall(request)
-        return _readUntilClosed(s)
+        return readUntilClosed(s)
 
 
 def _sendAllThenRead(port: int, path: str, size: int) -> bytes:
@@ -76,7 +66,7 @@ def _sendAllThenRead(port: int, path: str, size: int) -> bytes:
         block = b"x" * 65536
         for _ in range(size // len(block)):
             s.sendall(block)
-        return _readUntilClosed(s)
+        return readUntilClosed(s)
 
 
 def _keepAlive(port: int, paths: List[str]) -> List[Tuple[int, bytes]]:

@@ -41,7 +41,7 @@ from ksproxy.tls.endpoint import TLSServerEndpoint
 from ksproxy.tls.server import CertificateError, CertificateSource, CertificateStore
 from tests.integration.gateway import RunningGateway
 from tests.integration.testca import TestCA, _atomicWrite, commonName
-from tests.util import RecordingUpstream, listenUpstream
+from tests.util import RecordingUpstream, listenUpstream, readUntilClosed
 
 TIMEOUT = 10.0
 
@@ -311,19 +311,10 @@ class TerminationTests(TestCase):
         c = yield self.client("a.example.test")
         self.assertEqual(c.cn, "a.example.test")
         c.sock.sendall(b"GET /app/x HTTP/1.1\r\nHost: a.example.test\r\nConnection: close\r\n\r\n")
-        data = yield threads.deferToThread(_recvAll, c.sock)
+        data = yield threads.deferToThread(readUntilClosed, c.sock)
         self.assertTrue(data.startswith(b"HTTP/1.1 200"), data[:200])
         self.assertEqual(upstream.last.header(b"x-forwarded-proto"), b"https")
         c.close()  # (cleanups run before tearDown under pytest: close before the gateway drains)
-
-
-def _recvAll(sock: ssl.SSLSocket) -> bytes:
-    data = b""
-    while True:
-        chunk = sock.recv(65536)
-        if not chunk:
-            return data
-        data += chunk
 
 
 # -- upstream mTLS ---------------------------------------------------------------------------------------------
